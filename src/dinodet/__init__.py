@@ -1,0 +1,67 @@
+"""dinodet: DINO object detection in pure PyTorch.
+
+Public API:
+    from_original(source, variant)   original DINO checkpoint -> model (eval mode)
+    load_pretrained(path)            a directory written by ``dinodet convert``
+    build_model(variant_or_config)   a fresh model from a preset or a DINOConfig
+    postprocess(outputs, target_sizes, num_select=300)
+    build_criterion(num_classes, **overrides)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "DINOConfig",
+    "__version__",
+    "build_criterion",
+    "build_model",
+    "from_original",
+    "get_preset",
+    "load_pretrained",
+    "postprocess",
+    "save_pretrained",
+]
+
+if TYPE_CHECKING:
+    from dinodet.config import PRESETS, DINOConfig, get_preset
+    from dinodet.convert import from_original, load_pretrained, save_pretrained
+    from dinodet.loss.criterion import build_criterion
+    from dinodet.model.dino import DINO
+    from dinodet.model.postprocess import postprocess
+
+_LAZY = {
+    "PRESETS": "dinodet.config",
+    "DINOConfig": "dinodet.config",
+    "get_preset": "dinodet.config",
+    "from_original": "dinodet.convert",
+    "load_pretrained": "dinodet.convert",
+    "save_pretrained": "dinodet.convert",
+    "build_criterion": "dinodet.loss.criterion",
+    "postprocess": "dinodet.model.postprocess",
+    "DINO": "dinodet.model.dino",
+}
+
+
+def build_model(config: str | DINOConfig) -> DINO:
+    """A randomly initialised model from a preset name or a config."""
+    from dinodet.config import DINOConfig, get_preset
+    from dinodet.model.dino import DINO
+
+    cfg = get_preset(config) if isinstance(config, str) else config
+    if not isinstance(cfg, DINOConfig):
+        raise TypeError(f"expected a preset name or DINOConfig, got {type(config).__name__}")
+    return DINO(cfg)
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy imports keep `import dinodet` free of torch start-up cost and side effects.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'dinodet' has no attribute {name!r}")

@@ -1,0 +1,105 @@
+"""Image backbones that return a list of feature maps (ResNet from torchvision, Swin-L)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from dinodet.config import BackboneConfig
+
+_RESNET_CHANNELS = {
+    "resnet18": (64, 128, 256, 512),
+    "resnet34": (64, 128, 256, 512),
+    "resnet50": (256, 512, 1024, 2048),
+    "resnet101": (256, 512, 1024, 2048),
+}
+
+
+class ResNetBody(nn.Module):
+    """torchvision ResNet without its classifier, returning the chosen stages.
+
+    Parameter names are torchvision's (``conv1``, ``bn1``, ``layer1``…), which are also the
+    original DINO checkpoint's below ``backbone.0.body.``.
+    """
+
+    def __init__(self, name: str, return_levels: tuple[int, ...], frozen_batchnorm: bool) -> None:
+        super().__init__()
+        norm = FrozenBatchNorm2d if frozen_batchnorm else nn.BatchNorm2d
+        net = getattr(torchvision.models, name)(weights=None, norm_layer=norm)
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = (
+            net.layer1, net.layer2, net.layer3, net.layer4)
+        self.return_levels = return_levels
+        self.out_channels = [_RESNET_CHANNELS[name][i] for i in return_levels]
+        self.strides = [4 * 2**i for i in return_levels]
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        out = []
+        for i, layer in enumerate((self.layer1, self.layer2, self.layer3, self.layer4)):
+            x = layer(x)
+            if i in self.return_levels:
+                out.append(x)
+            if i >= self.return_levels[-1]:
+                break
+        return out
+
+
+def build_backbone(cfg: BackboneConfig) -> nn.Module:
+    """Backbone body with ``out_channels`` and ``strides`` attributes; loads local weights."""
+    if cfg.name in _RESNET_CHANNELS:
+        body: nn.Module = ResNetBody(cfg.name, tuple(cfg.return_levels), cfg.frozen_batchnorm)
+    elif cfg.name == "swin_l_384":
+        from dinodet.model.swin import swin_large_384
+
+        body = swin_large_384(out_indices=tuple(cfg.return_levels),
+                              drop_path_rate=cfg.drop_path_rate)
+        if cfg.use_checkpoint and hasattr(body, "use_checkpoint"):
+            body.use_checkpoint = True
+    else:  # validated in the config; kept for direct callers
+        raise ValueError(f"unknown backbone {cfg.name!r}")
+    if cfg.weights:
+        load_backbone_weights(body, cfg.weights)
+    if cfg.freeze_stem:
+        frozen = ["conv1", "bn1", "patch_embed"]
+        if 0 not in cfg.return_levels:
+            frozen.append("layer1")
+        for name, p in body.named_parameters():
+            if name.split(".")[0] in frozen:
+                p.requires_grad_(False)
+    return body
+
+
+def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
+    """Load ImageNet weights from a local ``.pth``/``.safetensors`` file (no download).
+
+    Classifier heads (``fc.``, ``head.``) are ignored; anything else that does not fit
+    is an error naming the keys.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path))
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("model", "state_dict"):
+            if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+                sd = sd[key]
+    sd = {k: v for k, v in sd.items()
+          if not k.startswith(("fc.", "head.", "norm.")) and not k.endswith("num_batches_tracked")
+          and "relative_position_index" not in k and "attn_mask" not in k}
+    own = body.state_dict()
+    sd = {k: v for k, v in sd.items() if k in own or not k.startswith("layers.3.downsample")}
+    result = body.load_state_dict(sd, strict=False)
+    missing = [k for k in result.missing_keys
+               if "relative_position_index" not in k and not k.startswith("norm")]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"backbone weights {path} do not fit {type(body).__name__}: "
+                         f"missing {missing[:10]}, unexpected {result.unexpected_keys[:10]}")

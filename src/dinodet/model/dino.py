@@ -1,0 +1,197 @@
+"""The DINO detector: backbone → deformable encoder → mixed query selection → decoder."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dinodet.config import DINOConfig
+from dinodet.model.backbone import build_backbone
+from dinodet.model.boxes import inverse_sigmoid
+from dinodet.model.denoising import DenoisingQueries, build_denoising_queries
+from dinodet.model.heads import box_head, class_head
+from dinodet.model.position import sine_feature_embedding
+from dinodet.model.query_selection import QuerySelection
+from dinodet.model.transformer import Decoder, Encoder
+
+Targets = list[dict[str, Tensor]]
+
+
+def check_images(images: Any) -> list[Tensor]:
+    """Validate the model input: a list of [3, H, W] floating-point tensors."""
+    if isinstance(images, Tensor):
+        if images.dim() == 4:
+            images = list(images.unbind(0))
+        else:
+            raise ValueError(
+                f"images must be a list of [3, H, W] tensors or a [B, 3, H, W] batch; "
+                f"got a tensor of shape {tuple(images.shape)}")
+    if not isinstance(images, (list, tuple)) or not images:
+        raise ValueError(f"images must be a non-empty list of [3, H, W] tensors, got {images!r}")
+    for i, im in enumerate(images):
+        if not isinstance(im, Tensor):
+            raise TypeError(f"images[{i}] is a {type(im).__name__}, expected a torch.Tensor")
+        if im.dim() != 3:
+            raise ValueError(f"images[{i}] has rank {im.dim()} (shape {tuple(im.shape)}); "
+                             "expected [3, H, W]")
+        if im.shape[0] != 3:
+            raise ValueError(f"images[{i}] has {im.shape[0]} channels (shape "
+                             f"{tuple(im.shape)}); expected 3 (RGB, ImageNet-normalised)")
+        if not im.is_floating_point():
+            raise TypeError(f"images[{i}] has dtype {im.dtype}; expected a floating-point "
+                            "ImageNet-normalised tensor (convert uint8 with dinodet's transforms)")
+        if im.shape[1] < 1 or im.shape[2] < 1:
+            raise ValueError(f"images[{i}] is empty: shape {tuple(im.shape)}")
+    return list(images)
+
+
+def batch_images(images: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Zero-pad to the largest H and W at the bottom/right.
+
+    Returns:
+        ([B, 3, H, W] batch, [B, H, W] bool mask, True on padding).
+    """
+    h = max(im.shape[1] for im in images)
+    w = max(im.shape[2] for im in images)
+    batch = images[0].new_zeros(len(images), 3, h, w)
+    mask = torch.ones(len(images), h, w, dtype=torch.bool, device=images[0].device)
+    for i, im in enumerate(images):
+        batch[i, :, : im.shape[1], : im.shape[2]].copy_(im)
+        mask[i, : im.shape[1], : im.shape[2]] = False
+    return batch, mask
+
+
+def valid_ratios(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """[B, H, W] padding mask -> [B, 2] (w, h) fraction that is image."""
+    _, h, w = mask.shape
+    valid_h = (~mask[:, :, 0]).sum(1).to(dtype) / h
+    valid_w = (~mask[:, 0, :]).sum(1).to(dtype) / w
+    return torch.stack([valid_w, valid_h], -1)
+
+
+class DINO(nn.Module):
+    """DINO with a ResNet or Swin backbone.
+
+    ``forward(images, targets=None)`` takes a list of ImageNet-normalised [3, H, W] tensors
+    and returns ``pred_logits`` [B, Q, C], ``pred_boxes`` [B, Q, 4] (normalised cxcywh),
+    ``aux_outputs`` (earlier decoder layers) and ``interm_outputs`` (the encoder's selected
+    proposals). In training mode with targets (a list of dicts with ``labels`` [n] and
+    normalised cxcywh ``boxes`` [n, 4]) it adds ``dn_outputs`` for contrastive denoising.
+    """
+
+    def __init__(self, cfg: DINOConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.hidden_dim
+        self.backbone = build_backbone(cfg.backbone)
+        in_channels = list(self.backbone.out_channels)
+        projs = [nn.Sequential(nn.Conv2d(c, dim, 1), nn.GroupNorm(32, dim)) for c in in_channels]
+        c = in_channels[-1]
+        for _ in range(cfg.num_feature_levels - len(in_channels)):
+            projs.append(nn.Sequential(nn.Conv2d(c, dim, 3, stride=2, padding=1),
+                                       nn.GroupNorm(32, dim)))
+            c = dim
+        self.input_proj = nn.ModuleList(projs)
+        for proj in self.input_proj:
+            nn.init.xavier_uniform_(proj[0].weight, gain=1)
+            nn.init.zeros_(proj[0].bias)
+        self.level_embed = nn.Parameter(torch.empty(cfg.num_feature_levels, dim))
+        nn.init.normal_(self.level_embed)
+        layer_kwargs = dict(ffn_dim=cfg.dim_feedforward, dropout=cfg.dropout,
+                            num_levels=cfg.num_feature_levels, num_heads=cfg.num_heads)
+        self.encoder = Encoder(cfg.enc_layers, dim=dim, num_points=cfg.enc_points,
+                               **layer_kwargs)
+        self.query_selection = QuerySelection(dim, cfg.num_classes, cfg.num_queries,
+                                              cfg.query_selection, cfg.mask_padded_proposals)
+        self.decoder = Decoder(cfg.dec_layers, dim, cfg.look_forward_twice,
+                               num_points=cfg.dec_points, **layer_kwargs)
+        # One class head and one box MLP shared by every decoder layer.
+        self.class_head = class_head(dim, cfg.num_classes)
+        self.box_head = box_head(dim)
+        self.label_embed = nn.Embedding(cfg.labelbook_size + 1, dim)
+
+    @property
+    def num_classes(self) -> int:
+        return self.cfg.num_classes
+
+    def _features(self, batch: Tensor, mask: Tensor
+                  ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Projected maps, their padding masks and position encodings, per level."""
+        feats = self.backbone(batch)
+        srcs, masks = [], []
+        x = feats[-1]
+        for lvl, proj in enumerate(self.input_proj):
+            if lvl < len(feats):
+                src = proj(feats[lvl])
+            else:  # extra levels: stride-2 convs on C5, then on the previous extra level
+                src = proj(x)
+                x = src
+            srcs.append(src)
+            masks.append(F.interpolate(mask[None].float(), size=src.shape[-2:])[0].bool())
+        half = self.cfg.hidden_dim // 2
+        pos = [sine_feature_embedding(m, half, self.cfg.pe_temperature, dtype=s.dtype)
+               for s, m in zip(srcs, masks)]
+        return srcs, masks, pos
+
+    def forward(self, images: list[Tensor] | Tensor, targets: Targets | None = None,
+                denoising: DenoisingQueries | None = None) -> dict[str, Any]:
+        """Detect. ``denoising`` feeds pre-built denoising queries (tests, analysis)."""
+        images = check_images(images)
+        dtype = self.level_embed.dtype
+        if not torch.is_autocast_enabled(images[0].device.type):
+            images = [im.to(dtype) for im in images]
+        batch, mask = batch_images(images)
+        srcs, masks, pos = self._features(batch, mask)
+
+        spatial_shapes = [(s.shape[-2], s.shape[-1]) for s in srcs]
+        src_flat = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
+        mask_flat = torch.cat([m.flatten(1) for m in masks], 1)
+        pos_flat = torch.cat([(p.flatten(2).transpose(1, 2) + self.level_embed[lvl].to(p.dtype))
+                              for lvl, p in enumerate(pos)], 1)
+        ratios = torch.stack([valid_ratios(m, src_flat.dtype) for m in masks], 1)  # [B, L, 2]
+
+        memory = self.encoder(src_flat, pos_flat, spatial_shapes, ratios, mask_flat)
+        selected = self.query_selection(memory, mask_flat, spatial_shapes)
+
+        if denoising is None and self.training and targets is not None \
+                and self.cfg.denoising != "off" and self.cfg.dn_number > 0:
+            denoising = build_denoising_queries(
+                targets, self.label_embed, num_queries=selected.content.shape[1],
+                num_classes=self.cfg.num_classes, num_dn=self.cfg.dn_number,
+                label_noise_ratio=self.cfg.dn_label_noise_ratio,
+                box_noise_scale=self.cfg.dn_box_noise_scale,
+                positives_only=self.cfg.denoising == "positives_only")
+        tgt, anchors, attn_mask, num_dn = selected.content, selected.anchor_logits, None, 0
+        if denoising is not None and denoising.pad_size > 0:
+            num_dn = denoising.pad_size
+            tgt = torch.cat([denoising.content.to(tgt.dtype), tgt], 1)
+            anchors = torch.cat([denoising.anchor_logits.to(anchors.dtype), anchors], 1)
+            attn_mask = denoising.attn_mask
+
+        hidden, refs = self.decoder(tgt, anchors, memory, spatial_shapes, ratios, mask_flat,
+                                    attn_mask, self.box_head)
+        logits = [self.class_head(h) for h in hidden]
+        boxes = [(self.box_head(h) + inverse_sigmoid(r)).sigmoid()
+                 for h, r in zip(hidden, refs[:-1])]
+
+        def layer_outputs(i: int, part: slice) -> dict[str, Tensor]:
+            return {"pred_logits": logits[i][:, part], "pred_boxes": boxes[i][:, part]}
+
+        match = slice(num_dn, None)
+        out: dict[str, Any] = layer_outputs(-1, match)
+        out["aux_outputs"] = [layer_outputs(i, match) for i in range(len(hidden) - 1)]
+        if selected.interm_logits is not None:
+            out["interm_outputs"] = {"pred_logits": selected.interm_logits,
+                                     "pred_boxes": selected.interm_boxes}
+        if num_dn:
+            assert denoising is not None
+            dn = slice(0, num_dn)
+            out["dn_outputs"] = {
+                **layer_outputs(-1, dn),
+                "aux_outputs": [layer_outputs(i, dn) for i in range(len(hidden) - 1)],
+                "dn_meta": denoising.meta(),
+            }
+        return out

@@ -1,0 +1,38 @@
+"""Turn raw outputs into scored boxes in pixels (top-k over queries × classes, no NMS)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchvision.ops import box_convert
+
+
+@torch.no_grad()
+def postprocess(outputs: dict[str, Any], target_sizes: Tensor | list[tuple[int, int]],
+                num_select: int = 300) -> list[dict[str, Tensor]]:
+    """Keep the ``num_select`` best (query, class) pairs of every image.
+
+    Args:
+        outputs: ``pred_logits`` [B, Q, C] and ``pred_boxes`` [B, Q, 4] (normalised cxcywh).
+        target_sizes: [B, 2] (height, width) of the images the boxes should be scaled to.
+    Returns:
+        One dict per image: ``scores`` [K], ``labels`` [K] (class indices), ``boxes`` [K, 4]
+        xyxy in pixels, sorted by score.
+    """
+    logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+    b, q, c = logits.shape
+    sizes = torch.as_tensor(target_sizes, device=boxes.device)
+    if sizes.shape != (b, 2):
+        raise ValueError(f"target_sizes must be [{b}, 2] (h, w) for {b} images, "
+                         f"got shape {tuple(sizes.shape)}")
+    k = min(num_select, q * c)
+    scores, index = torch.topk(logits.sigmoid().view(b, -1), k, dim=1)
+    query = torch.div(index, c, rounding_mode="floor")
+    labels = index % c
+    xyxy = box_convert(boxes, "cxcywh", "xyxy")
+    xyxy = torch.gather(xyxy, 1, query[..., None].expand(-1, -1, 4))
+    h, w = sizes.to(boxes.dtype).unbind(1)
+    xyxy = xyxy * torch.stack([w, h, w, h], 1)[:, None, :]
+    return [{"scores": s, "labels": lab, "boxes": bx} for s, lab, bx in zip(scores, labels, xyxy)]

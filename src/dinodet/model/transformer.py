@@ -1,0 +1,155 @@
+"""Deformable encoder and the DINO decoder (look-forward-twice box refinement)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from dinodet.model.boxes import inverse_sigmoid
+from dinodet.model.heads import MLP
+from dinodet.model.ms_deform_attn import MSDeformAttn
+from dinodet.model.position import sine_box_embedding
+
+
+class FFN(nn.Module):
+    """Linear → ReLU → Linear, added back and layer-normed (post-norm)."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(dim, hidden)
+        self.linear2 = nn.Linear(hidden, dim)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.linear2(self.dropout(self.linear1(x).relu()))
+        return self.norm(x + self.dropout(y))
+
+
+class EncoderLayer(nn.Module):
+    """Deformable self-attention over all levels → add & norm → FFN."""
+
+    def __init__(self, dim: int, ffn_dim: int, dropout: float, num_levels: int,
+                 num_heads: int, num_points: int) -> None:
+        super().__init__()
+        self.self_attn = MSDeformAttn(dim, num_levels, num_heads, num_points)
+        self.dropout = nn.Dropout(dropout)
+        self.self_attn_norm = nn.LayerNorm(dim)
+        self.ffn = FFN(dim, ffn_dim, dropout)
+
+    def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor,
+                spatial_shapes: list[tuple[int, int]], padding_mask: Tensor | None) -> Tensor:
+        attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, padding_mask)
+        src = self.self_attn_norm(src + self.dropout(attn))
+        return self.ffn(src)
+
+
+class Encoder(nn.Module):
+    def __init__(self, num_layers: int, **layer_kwargs) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(**layer_kwargs) for _ in range(num_layers))
+
+    @staticmethod
+    def reference_points(spatial_shapes: list[tuple[int, int]], valid_ratios: Tensor) -> Tensor:
+        """Cell centres of every level normalised by the valid size, seen from every level.
+
+        Args:
+            valid_ratios: [B, L, 2] (w, h) fraction of each level that is not padding.
+        Returns:
+            [B, S, L, 2].
+        """
+        refs = []
+        dtype, device = valid_ratios.dtype, valid_ratios.device
+        for lvl, (h, w) in enumerate(spatial_shapes):
+            ys, xs = torch.meshgrid(
+                torch.linspace(0.5, h - 0.5, h, dtype=dtype, device=device),
+                torch.linspace(0.5, w - 0.5, w, dtype=dtype, device=device),
+                indexing="ij",
+            )
+            ys = ys.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
+            xs = xs.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * w)
+            refs.append(torch.stack((xs, ys), -1))
+        ref = torch.cat(refs, 1)
+        return ref[:, :, None] * valid_ratios[:, None]
+
+    def forward(self, src: Tensor, pos: Tensor, spatial_shapes: list[tuple[int, int]],
+                valid_ratios: Tensor, padding_mask: Tensor | None) -> Tensor:
+        """src, pos: [B, S, D]; padding_mask: [B, S]. Returns memory [B, S, D]."""
+        ref = self.reference_points(spatial_shapes, valid_ratios)
+        for layer in self.layers:
+            src = layer(src, pos, ref, spatial_shapes, padding_mask)
+        return src
+
+
+class DecoderLayer(nn.Module):
+    """Self-attention among queries → deformable cross-attention → FFN, each post-norm."""
+
+    def __init__(self, dim: int, ffn_dim: int, dropout: float, num_levels: int,
+                 num_heads: int, num_points: int) -> None:
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.self_attn_norm = nn.LayerNorm(dim)
+        self.cross_attn = MSDeformAttn(dim, num_levels, num_heads, num_points)
+        self.cross_attn_norm = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+        self.ffn = FFN(dim, ffn_dim, dropout)
+
+    def forward(self, tgt: Tensor, query_pos: Tensor, reference_boxes: Tensor, memory: Tensor,
+                spatial_shapes: list[tuple[int, int]], memory_padding_mask: Tensor | None,
+                self_attn_mask: Tensor | None) -> Tensor:
+        q = k = tgt + query_pos
+        attn = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=False)[0]
+        tgt = self.self_attn_norm(tgt + self.dropout(attn))
+        attn = self.cross_attn(tgt + query_pos, reference_boxes, memory, spatial_shapes,
+                               memory_padding_mask)
+        tgt = self.cross_attn_norm(tgt + self.dropout(attn))
+        return self.ffn(tgt)
+
+
+class Decoder(nn.Module):
+    """Decoder layers that refine anchor boxes layer by layer.
+
+    ``box_head`` is the detector's shared box MLP; ``look_forward_twice`` keeps each
+    layer's refined box attached to the graph when it becomes the next layer's reference
+    for the loss, so layer i's box loss also trains layer i−1.
+    """
+
+    def __init__(self, num_layers: int, dim: int, look_forward_twice: bool = True,
+                 **layer_kwargs) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(DecoderLayer(dim=dim, **layer_kwargs)
+                                    for _ in range(num_layers))
+        self.norm = nn.LayerNorm(dim)
+        self.ref_point_head = MLP(2 * dim, dim, dim, 2)
+        self.look_forward_twice = look_forward_twice
+        self.dim = dim
+
+    def forward(self, tgt: Tensor, anchor_logits: Tensor, memory: Tensor,
+                spatial_shapes: list[tuple[int, int]], valid_ratios: Tensor,
+                memory_padding_mask: Tensor | None, self_attn_mask: Tensor | None,
+                box_head: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+        """Run all layers.
+
+        Args:
+            tgt: [B, Q, D] content queries. anchor_logits: [B, Q, 4] σ⁻¹ of the anchors.
+            memory: [B, S, D]. valid_ratios: [B, L, 2]. self_attn_mask: [Q, Q] bool.
+        Returns:
+            (hidden states, references): ``hidden[i]`` [B, Q, D] is layer i's normed output;
+            ``references[i]`` [B, Q, 4] the box layer i's prediction refines.
+        """
+        boxes = anchor_logits.sigmoid()
+        references = [boxes]
+        hidden = []
+        ratios = torch.cat([valid_ratios, valid_ratios], -1)[:, None]  # [B, 1, L, 4]
+        for layer in self.layers:
+            ref_input = boxes[:, :, None] * ratios  # [B, Q, L, 4]
+            query_pos = self.ref_point_head(
+                sine_box_embedding(ref_input[:, :, 0, :], self.dim // 2))
+            tgt = layer(tgt, query_pos, ref_input, memory, spatial_shapes, memory_padding_mask,
+                        self_attn_mask)
+            # The refinement that moves the anchor reads the layer's raw output.
+            refined = (box_head(tgt) + inverse_sigmoid(boxes)).sigmoid()
+            boxes = refined.detach()
+            references.append(refined if self.look_forward_twice else boxes)
+            hidden.append(self.norm(tgt))
+        return hidden, references
