@@ -136,15 +136,15 @@ def original_to_dinodet(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _check_swin_index(state_dict: Mapping[str, Tensor]) -> None:
-    keys = [k for k in state_dict if k.endswith("relative_position_index")]
-    if not keys:
+    """Swin's integer index buffers are optional; when present they must be the derived ones."""
+    if not any(k.endswith("relative_position_index") for k in state_dict):
         return
-    from dinodet.model.swin import relative_position_index
+    from dinodet.model.swin import check_relative_position_index
 
-    for k in keys:
-        ws = int(round(state_dict[k].shape[0] ** 0.5))
-        if not torch.equal(state_dict[k].long(), relative_position_index(ws)):
-            raise CheckpointError(f"{k} differs from the index derived for window size {ws}")
+    try:
+        check_relative_position_index(state_dict)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
 
 
 def infer_config(state_dict: Mapping[str, Tensor], variant: str) -> DINOConfig:

@@ -192,6 +192,6 @@ class DINO(nn.Module):
             out["dn_outputs"] = {
                 **layer_outputs(-1, dn),
                 "aux_outputs": [layer_outputs(i, dn) for i in range(len(hidden) - 1)],
-                "dn_meta": denoising.meta(),
+                "dn_meta": denoising.dn_meta,
             }
         return out

@@ -1,0 +1,3 @@
+from dinodet.cli import main
+
+raise SystemExit(main())

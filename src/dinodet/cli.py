@@ -1,0 +1,112 @@
+"""The ``dinodet`` command line: the only place argparse lives."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from dinodet.convert import from_original, save_pretrained
+
+    model = from_original(args.checkpoint, args.variant, num_classes=args.num_classes)
+    out = save_pretrained(model, args.out_dir, extra={"source": str(args.checkpoint),
+                                                      "variant": args.variant})
+    n = sum(p.numel() for p in model.state_dict().values())
+    print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'} "
+          f"({n / 1e6:.1f}M values, {model.cfg.num_classes} classes)")
+    return 0
+
+
+def synthetic_image(height: int = 480, width: int = 640, seed: int = 0):
+    """A [3, H, W] float image in [0, 1] with a few coloured rectangles and discs."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    img = 0.3 + 0.1 * torch.rand(3, 1, 1, generator=g) + 0.05 * torch.rand(3, height, width,
+                                                                            generator=g)
+    yy, xx = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    for i in range(6):
+        h = int(height * (0.1 + 0.3 * torch.rand(1, generator=g)))
+        w = int(width * (0.1 + 0.3 * torch.rand(1, generator=g)))
+        y0 = int((height - h) * torch.rand(1, generator=g))
+        x0 = int((width - w) * torch.rand(1, generator=g))
+        colour = torch.rand(3, 1, generator=g)
+        if i % 2:
+            inside = ((yy - y0 - h / 2) / (h / 2)) ** 2 + ((xx - x0 - w / 2) / (w / 2)) ** 2 <= 1
+        else:
+            inside = (yy >= y0) & (yy < y0 + h) & (xx >= x0) & (xx < x0 + w)
+        img[:, inside] = colour
+    return img.clamp(0, 1)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import torch
+
+    import dinodet
+    from dinodet.model.postprocess import postprocess
+
+    torch.manual_seed(args.seed)
+    if args.weights:
+        model = dinodet.load_pretrained(args.weights)
+        variant = args.weights
+    else:
+        model = dinodet.build_model(args.variant).eval()
+        variant = f"{args.variant} (random weights: no pretrained file on this machine)"
+    image = synthetic_image(args.height, args.width, args.seed)
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model([(image - mean) / std])
+    seconds = time.perf_counter() - start
+    det = postprocess(out, torch.tensor([[args.height, args.width]]), num_select=args.top)[0]
+    print(f"model: {variant}")
+    print(f"image: synthetic {args.height}x{args.width}; inference {seconds:.2f} s on CPU")
+    print(f"{'score':>7} {'class':>6}  box (x0, y0, x1, y1) in pixels")
+    for s, lab, box in zip(det["scores"], det["labels"], det["boxes"]):
+        coords = ", ".join(f"{v:7.1f}" for v in box.tolist())
+        print(f"{s.item():7.3f} {lab.item():6d}  ({coords})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dinodet.config import PRESETS
+
+    parser = argparse.ArgumentParser(prog="dinodet", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="original DINO .pth -> safetensors + JSON config")
+    p.add_argument("checkpoint", help="released checkpoint, e.g. checkpoint0011_4scale.pth")
+    p.add_argument("out_dir", help="directory to write model.safetensors and config.json")
+    p.add_argument("--variant", required=True, choices=sorted(PRESETS))
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="re-initialise the class heads for this many classes (fine-tuning)")
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("demo", help="build a model and detect on a generated image")
+    p.add_argument("--variant", default="r50-4scale", choices=sorted(PRESETS))
+    p.add_argument("--weights", default=None, help="a directory written by `dinodet convert`")
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=640)
+    p.add_argument("--top", type=int, default=10, help="detections to print")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from dinodet.convert import CheckpointError
+
+    try:
+        return args.func(args)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"dinodet {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
