@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -92,14 +93,21 @@ def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
         for key in ("model", "state_dict"):
             if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
                 sd = sd[key]
+    # Classifier-only parts and derived buffers are not part of the detector's backbone.
     sd = {k: v for k, v in sd.items()
-          if not k.startswith(("fc.", "head.", "norm.")) and not k.endswith("num_batches_tracked")
-          and "relative_position_index" not in k and "attn_mask" not in k}
+          if not k.startswith(("fc.", "head.", "norm.")) and not k.endswith(_DERIVED)}
     own = body.state_dict()
-    sd = {k: v for k, v in sd.items() if k in own or not k.startswith("layers.3.downsample")}
-    result = body.load_state_dict(sd, strict=False)
-    missing = [k for k in result.missing_keys
-               if "relative_position_index" not in k and not k.startswith("norm")]
-    if missing or result.unexpected_keys:
+    # Swin's per-level output norms (norm0..norm3) exist only in the detector.
+    missing = [k for k in own if k not in sd and not re.match(r"norm\d\.", k)
+               and not k.endswith(_DERIVED)]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+              for k in sd if k in own and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
         raise ValueError(f"backbone weights {path} do not fit {type(body).__name__}: "
-                         f"missing {missing[:10]}, unexpected {result.unexpected_keys[:10]}")
+                         f"missing {missing[:10]}, unexpected {unexpected[:10]}, "
+                         f"mis-shaped {shapes[:10]}")
+    body.load_state_dict(sd, strict=False)
+
+
+_DERIVED = ("num_batches_tracked", "relative_position_index", "attn_mask")
