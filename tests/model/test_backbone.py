@@ -37,5 +37,5 @@ def test_pretrained_weights_that_do_not_fit_are_named(tmp_path):
     torch.save(torchvision.models.resnet50().state_dict(), path)
     with pytest.raises(ValueError, match=r"resnet50\.pth do not fit"):
         build_backbone(BackboneConfig(name="resnet18", weights=str(path)))
-    with pytest.raises(FileNotFoundError, match="absent.pth"):
+    with pytest.raises(FileNotFoundError, match=r"absent\.pth"):
         build_backbone(BackboneConfig(name="resnet18", weights=str(tmp_path / "absent.pth")))

@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from reference_weights import load_manifest, make_state_dict
 from torchvision.ops import box_iou
 
 import dinodet
 from dinodet.config import BackboneConfig, DINOConfig
 from dinodet.model.boxes import inverse_sigmoid
 from dinodet.model.dino import DINO
+
+from reference_weights import load_manifest, make_state_dict
 
 
 def trained_box_head(model):
@@ -265,7 +266,7 @@ def test_config_rejects_bad_values_by_name():
         DINOConfig(hidden_dim=100)
     with pytest.raises(ValueError, match="'query_selection'"):
         DINOConfig(query_selection="two-stage")
-    with pytest.raises(ValueError, match="unknown config key.*backbone.depth"):
+    with pytest.raises(ValueError, match=r"unknown config key.*backbone\.depth"):
         DINOConfig.from_dict({"backbone": {"depth": 50}})
     cfg = DINOConfig.from_dict(dinodet.get_preset("cpu-small").to_dict())
     assert cfg == dinodet.get_preset("cpu-small")
