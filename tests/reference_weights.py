@@ -1,6 +1,6 @@
 """Deterministic stand-in weights in the original DINO key layout, from a manifest.
 
-The recorded fixtures in tests/data were produced by the original implementation with
+The recorded fixtures in tests/fixtures were produced by the original implementation with
 weights that are a pure function of (seed, key name, shape). This module re-derives them
 from those rules; the manifest's checksums prove it right (see test_reference_weights).
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent / "fixtures"
 
 
 def load_manifest(name: str) -> dict:

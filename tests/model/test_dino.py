@@ -270,3 +270,16 @@ def test_config_rejects_bad_values_by_name():
         DINOConfig.from_dict({"backbone": {"depth": 50}})
     cfg = DINOConfig.from_dict(dinodet.get_preset("cpu-small").to_dict())
     assert cfg == dinodet.get_preset("cpu-small")
+
+
+def test_an_image_batch_gives_what_the_list_gives():
+    from dinodet.structures import ImageBatch
+
+    torch.manual_seed(0)
+    model = DINO(tiny_config()).eval()
+    ims = images((64, 96), (48, 80))
+    batch = ImageBatch.from_images(ims)
+    assert batch.image_sizes == [(64, 96), (48, 80)]
+    with torch.no_grad():
+        a, b = model(ims), model(batch)
+    torch.testing.assert_close(a["pred_boxes"], b["pred_boxes"], rtol=0, atol=0)

@@ -25,7 +25,7 @@ from dinodet.model.swin import (
     swin_toy,
 )
 
-MANIFEST = Path(__file__).resolve().parents[1] / "data" / "dino_swinl_4scale.manifest.json"
+MANIFEST = Path(__file__).resolve().parents[1] / "fixtures" / "dino_swinl_4scale.manifest.json"
 PREFIX = "backbone.0."
 
 

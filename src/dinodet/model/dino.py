@@ -16,6 +16,7 @@ from dinodet.model.heads import box_head, class_head
 from dinodet.model.position import sine_feature_embedding
 from dinodet.model.query_selection import QuerySelection
 from dinodet.model.transformer import Decoder, Encoder
+from dinodet.structures import ImageBatch
 
 Targets = list[dict[str, Tensor]]
 
@@ -46,22 +47,6 @@ def check_images(images: Any) -> list[Tensor]:
         if im.shape[1] < 1 or im.shape[2] < 1:
             raise ValueError(f"images[{i}] is empty: shape {tuple(im.shape)}")
     return list(images)
-
-
-def batch_images(images: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """Zero-pad to the largest H and W at the bottom/right.
-
-    Returns:
-        ([B, 3, H, W] batch, [B, H, W] bool mask, True on padding).
-    """
-    h = max(im.shape[1] for im in images)
-    w = max(im.shape[2] for im in images)
-    batch = images[0].new_zeros(len(images), 3, h, w)
-    mask = torch.ones(len(images), h, w, dtype=torch.bool, device=images[0].device)
-    for i, im in enumerate(images):
-        batch[i, :, : im.shape[1], : im.shape[2]].copy_(im)
-        mask[i, : im.shape[1], : im.shape[2]] = False
-    return batch, mask
 
 
 def valid_ratios(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -136,14 +121,18 @@ class DINO(nn.Module):
                for s, m in zip(srcs, masks)]
         return srcs, masks, pos
 
-    def forward(self, images: list[Tensor] | Tensor, targets: Targets | None = None,
+    def forward(self, images: list[Tensor] | Tensor | ImageBatch, targets: Targets | None = None,
                 denoising: DenoisingQueries | None = None) -> dict[str, Any]:
-        """Detect. ``denoising`` feeds pre-built denoising queries (tests, analysis)."""
-        images = check_images(images)
-        dtype = self.level_embed.dtype
-        if not torch.is_autocast_enabled(images[0].device.type):
-            images = [im.to(dtype) for im in images]
-        batch, mask = batch_images(images)
+        """Detect. ``images``: a list of [3, H, W] tensors, a [B, 3, H, W] tensor or an
+        already padded :class:`ImageBatch`. ``denoising`` feeds pre-built denoising
+        queries (tests, analysis)."""
+        if isinstance(images, ImageBatch):
+            check_images(images.tensors)
+        else:
+            images = ImageBatch.from_images(check_images(images))
+        batch, mask = images.tensors, images.mask
+        if not torch.is_autocast_enabled(batch.device.type):
+            batch = batch.to(self.level_embed.dtype)
         srcs, masks, pos = self._features(batch, mask)
 
         spatial_shapes = [(s.shape[-2], s.shape[-1]) for s in srcs]

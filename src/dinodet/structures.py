@@ -1,0 +1,48 @@
+"""Padded image batches shared by the data pipeline and the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class ImageBatch:
+    """Images zero-padded at the bottom/right to the batch's largest H and W.
+
+    tensors: [B, 3, H, W]; mask: [B, H, W] bool, True on padding.
+    """
+
+    tensors: Tensor
+    mask: Tensor
+
+    @classmethod
+    def from_images(cls, images: list[Tensor]) -> ImageBatch:
+        h = max(im.shape[1] for im in images)
+        w = max(im.shape[2] for im in images)
+        tensors = images[0].new_zeros(len(images), images[0].shape[0], h, w)
+        mask = torch.ones(len(images), h, w, dtype=torch.bool, device=images[0].device)
+        for i, im in enumerate(images):
+            tensors[i, :, : im.shape[1], : im.shape[2]].copy_(im)
+            mask[i, : im.shape[1], : im.shape[2]] = False
+        return cls(tensors, mask)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> ImageBatch:
+        return ImageBatch(self.tensors.to(device, non_blocking=non_blocking),
+                          self.mask.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> ImageBatch:
+        return ImageBatch(self.tensors.pin_memory(), self.mask.pin_memory())
+
+    @property
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """(h, w) of every image without its padding."""
+        valid = ~self.mask
+        hs = valid[:, :, 0].sum(1).tolist()
+        ws = valid[:, 0, :].sum(1).tolist()
+        return list(zip(hs, ws))
+
+    def __len__(self) -> int:
+        return self.tensors.shape[0]
