@@ -1,0 +1,306 @@
+"""COCO box evaluation: model outputs -> COCO results -> pycocotools metrics.
+
+The numbers are pycocotools' own (``COCOeval`` with its default parameters); this module
+only converts predictions into COCO's results format, gathers them across processes and
+reads the summary and a per-class AP out of ``COCOeval``.
+
+Category ids are never shifted: a prediction with class index ``label`` is written with
+``category_id = label_to_category_id[label]``, nothing else. With ``keep_category_ids``
+that mapping is the identity, so a checkpoint converted from the original DINO and
+evaluated on data in COCO's id convention scores exactly what the original would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch import Tensor, nn
+
+from dinodet.model.postprocess import postprocess
+
+__all__ = [
+    "METRIC_NAMES",
+    "CocoEvaluator",
+    "EvalResult",
+    "evaluate",
+    "evaluate_results",
+    "write_results",
+]
+
+# The names of COCOeval.stats[0..11], in order.
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
+                "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+_AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _quiet(verbose: bool) -> contextlib.AbstractContextManager:
+    """pycocotools prints progress and the summary; keep it only when asked."""
+    return contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+
+
+def _fmt(value: float) -> str:
+    # pycocotools marks "nothing to average" as -1; per-class AP of such a class is nan.
+    return "-" if value < 0 or math.isnan(value) else f"{100 * value:.1f}"
+
+
+@dataclass
+class EvalResult:
+    """COCO box metrics.
+
+    metrics: ``METRIC_NAMES`` -> value in [0, 1] (pycocotools' -1 where undefined, e.g.
+        APl when the ground truth has no large object).
+    per_class: one dict per class present in the ground truth, by class index:
+        ``label`` (class index), ``category_id`` (dataset id), ``name``, ``AP``
+        (IoU 0.50:0.95, all areas, 100 detections; nan without ground truth boxes).
+    """
+
+    metrics: dict[str, float]
+    per_class: list[dict[str, Any]] = field(default_factory=list)
+
+    def format_table(self) -> str:
+        """The main metrics and the per-class AP as fixed-width text, in percent."""
+        lines = []
+        for row in (METRIC_NAMES[:6], METRIC_NAMES[6:]):
+            lines.append("  ".join(f"{name:>6}" for name in row))
+            lines.append("  ".join(f"{_fmt(self.metrics[name]):>6}" for name in row))
+        if self.per_class:
+            width = max(4, *(len(str(row["name"])) for row in self.per_class))
+            lines.append("")
+            lines.append(f"{'label':>5}  {'cat_id':>6}  {'name':<{width}}  {'AP':>6}")
+            for row in self.per_class:
+                lines.append(f"{row['label']:>5}  {row['category_id']:>6}  "
+                             f"{row['name']!s:<{width}}  {_fmt(row['AP']):>6}")
+        return "\n".join(lines)
+
+
+def _empty_results(coco_gt: COCO) -> COCO:
+    """A results object with no detections (``COCO.loadRes`` fails on an empty list)."""
+    res = COCO()
+    res.dataset = {"images": list(coco_gt.dataset["images"]),
+                   "categories": list(coco_gt.dataset.get("categories", [])),
+                   "annotations": []}
+    res.createIndex()
+    return res
+
+
+def evaluate_results(coco_gt: COCO, results: Sequence[Mapping[str, Any]],
+                     label_to_category_id: Sequence[int] | None = None,
+                     class_names: Sequence[str] | None = None,
+                     image_ids: Iterable[int] | None = None,
+                     verbose: bool = False) -> EvalResult:
+    """Run pycocotools' box evaluation on a COCO results list.
+
+    Args:
+        coco_gt: the ground truth.
+        results: ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}`` dicts; not
+            modified (``loadRes`` adds keys to what it is given, so it gets copies).
+        label_to_category_id: class index -> category id, to label the per-class table;
+            ``None`` means the identity (class index == category id).
+        class_names: names for the table by class index; default: the ground truth's.
+        image_ids: evaluate on these images only; default: every ground-truth image.
+        verbose: let pycocotools print.
+    """
+    with _quiet(verbose):
+        if results:
+            coco_dt = coco_gt.loadRes([dict(r) for r in results])
+        else:
+            coco_dt = _empty_results(coco_gt)
+        coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        if image_ids is not None:
+            coco_eval.params.imgIds = sorted({int(i) for i in image_ids})
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    metrics = {name: float(v) for name, v in zip(METRIC_NAMES, coco_eval.stats, strict=True)}
+    return EvalResult(metrics, _per_class_ap(coco_eval, coco_gt, label_to_category_id,
+                                             class_names))
+
+
+def _per_class_ap(coco_eval: COCOeval, coco_gt: COCO,
+                  label_to_category_id: Sequence[int] | None,
+                  class_names: Sequence[str] | None) -> list[dict[str, Any]]:
+    # precision: [T iou thresholds, R recall points, K categories, A areas, M max dets];
+    # area index 0 is "all", the last max-dets index is 100, as for stats[0].
+    precision = coco_eval.eval["precision"]
+    cat_index = {cid: k for k, cid in enumerate(coco_eval.params.catIds)}
+    if label_to_category_id is None:
+        label_to_category_id = range(max(cat_index, default=-1) + 1)
+    rows = []
+    for label, cid in enumerate(label_to_category_id):
+        if cid not in cat_index:
+            continue
+        p = precision[:, :, cat_index[cid], 0, -1]
+        valid = p[p > -1]
+        ap = float(np.mean(valid)) if valid.size else float("nan")
+        name = class_names[label] if class_names is not None else coco_gt.cats[cid]["name"]
+        rows.append({"label": label, "category_id": int(cid), "name": name, "AP": ap})
+    return rows
+
+
+def write_results(path: str | os.PathLike, results: Sequence[Mapping[str, Any]]) -> Path:
+    """Write a COCO results json atomically: a temporary file in the same folder, then
+    ``os.replace``, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(list(results), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+class CocoEvaluator:
+    """Collects predictions image by image and scores them with pycocotools.
+
+    Args:
+        coco_gt: the ground truth (``dataset.coco``).
+        label_to_category_id: class index -> dataset category id.
+        class_names: names by class index for the per-class table (default: the gt's).
+    """
+
+    def __init__(self, coco_gt: COCO, label_to_category_id: Sequence[int],
+                 class_names: Sequence[str] | None = None) -> None:
+        self.coco_gt = coco_gt
+        self.label_to_category_id = [int(c) for c in label_to_category_id]
+        self.class_names = list(class_names) if class_names is not None else None
+        # image_id -> its COCO results. An image with no detection is kept (empty list):
+        # it was evaluated, so its ground truth counts as missed.
+        self._per_image: dict[int, list[dict[str, Any]]] = {}
+
+    @property
+    def image_ids(self) -> list[int]:
+        """The images seen so far, in the order they came."""
+        return list(self._per_image)
+
+    def update(self, predictions: Mapping[int, Mapping[str, Tensor]]) -> None:
+        """Add the predictions of some images.
+
+        Args:
+            predictions: image_id -> ``scores`` [K], ``labels`` [K] (class indices),
+                ``boxes`` [K, 4] xyxy in pixels of the original image. An image seen again
+                replaces its earlier predictions.
+        """
+        num_classes = len(self.label_to_category_id)
+        for image_id, pred in predictions.items():
+            image_id = int(image_id)
+            if image_id not in self.coco_gt.imgs:
+                raise ValueError(f"image_id {image_id} is not in the ground truth")
+            boxes = torch.as_tensor(pred["boxes"]).detach().cpu().reshape(-1, 4).double()
+            xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).tolist()
+            scores = torch.as_tensor(pred["scores"]).detach().cpu().double().tolist()
+            labels = torch.as_tensor(pred["labels"]).detach().cpu().tolist()
+            if not len(xywh) == len(scores) == len(labels):
+                raise ValueError(f"image {image_id}: {len(xywh)} boxes, {len(scores)} scores "
+                                 f"and {len(labels)} labels")
+            bad = [lab for lab in labels if not 0 <= lab < num_classes]
+            if bad:
+                raise ValueError(f"image {image_id}: labels {sorted(set(bad))} outside the "
+                                 f"{num_classes} classes of label_to_category_id")
+            self._per_image[image_id] = [
+                {"image_id": image_id, "category_id": self.label_to_category_id[lab],
+                 "bbox": box, "score": score}
+                for box, score, lab in zip(xywh, scores, labels, strict=True)
+            ]
+
+    def results(self) -> list[dict[str, Any]]:
+        """The COCO results list (``image_id``, ``category_id``, ``bbox`` xywh, ``score``)."""
+        return [r for rows in self._per_image.values() for r in rows]
+
+    def gather(self) -> None:
+        """Merge the predictions of every process into every process.
+
+        A no-op unless torch.distributed is initialised with more than one process. An image
+        reported by several processes (a DistributedSampler pads the dataset by repeating
+        images) keeps the predictions of the lowest rank that saw it.
+        """
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, self._per_image)
+        merged: dict[int, list[dict[str, Any]]] = {}
+        for part in parts:
+            for image_id, rows in part.items():
+                merged.setdefault(image_id, rows)
+        self._per_image = merged
+
+    def summarize(self, verbose: bool = False) -> EvalResult:
+        """pycocotools' metrics on the images seen (all gt images if none was)."""
+        return evaluate_results(self.coco_gt, self.results(), self.label_to_category_id,
+                                self.class_names, self._per_image or None, verbose=verbose)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    """The batch's images on ``device``: via ``batch.to`` when it has one."""
+    if hasattr(batch, "to"):
+        return batch.to(device).images
+    images = batch.images
+    if isinstance(images, (list, tuple)):
+        return [im.to(device) for im in images]
+    return images.to(device)
+
+
+def evaluate(model: nn.Module, loader: Iterable[Any], device: torch.device | str,
+             label_to_category_id: Sequence[int], coco_gt: COCO, num_select: int = 300,
+             amp: str = "off", class_names: Sequence[str] | None = None,
+             verbose: bool = False) -> tuple[EvalResult, list[dict[str, Any]]]:
+    """COCO box metrics of ``model`` on ``loader``.
+
+    Args:
+        model: called as ``model(images)``, returns ``pred_logits`` [B, Q, C] and
+            ``pred_boxes`` [B, Q, 4] (cxcywh normalised to each transformed image). It must
+            already be on ``device``; its train/eval mode is restored afterwards.
+        loader: batches with ``images`` (an ImageBatch or a list of [3, H, W] tensors) and
+            ``targets`` (dicts with ``image_id`` and ``orig_size`` [2] (h, w)).
+        num_select: detections kept per image (the original evaluates with 300).
+        amp: "off", "bf16" or "fp16" autocast for the forward pass.
+    Returns:
+        The metrics (gathered over all processes) and the COCO results list.
+    """
+    if amp not in _AMP_DTYPES:
+        raise ValueError(f"amp must be one of {sorted(_AMP_DTYPES)}, got {amp!r}")
+    device = torch.device(device)
+    evaluator = CocoEvaluator(coco_gt, label_to_category_id, class_names)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for batch in loader:
+                targets = batch.targets
+                if not targets:
+                    continue
+                images = _to_device(batch, device)
+                with torch.autocast(device.type, dtype=_AMP_DTYPES[amp], enabled=amp != "off"):
+                    outputs = model(images)
+                # Boxes are relative to each (transformed, unpadded) image, and resizing keeps
+                # relative coordinates, so scaling by the original size gives original pixels.
+                outputs = {k: outputs[k].float() for k in ("pred_logits", "pred_boxes")}
+                orig_sizes = torch.stack([torch.as_tensor(t["orig_size"]) for t in targets])
+                detections = postprocess(outputs, orig_sizes, num_select=num_select)
+                evaluator.update({int(t["image_id"]): d
+                                  for t, d in zip(targets, detections, strict=True)})
+    finally:
+        model.train(was_training)
+    evaluator.gather()
+    return evaluator.summarize(verbose=verbose), evaluator.results()
