@@ -1,0 +1,36 @@
+"""Data: COCO-format datasets, the v2 augmentation recipe, batching, synthetic shapes.
+
+    CocoDetection(ann_file, image_dir, transforms=None, keep_category_ids=False, strict=False)
+    build_transforms(train, cfg=TransformConfig())
+    build_loader(dataset, batch_size, train, num_workers, distributed=False, seed=0)
+    collate_fn(samples) -> Batch(images: ImageBatch, targets, skipped)
+    make_synthetic_coco(out_dir, num_train, num_val, image_size, num_classes, seed)
+"""
+
+from __future__ import annotations
+
+from dinodet.data.coco import (
+    AnnotationWarning,
+    CocoDetection,
+    SkippedImage,
+    SkippedImageWarning,
+    load_rgb_image,
+)
+from dinodet.data.collate import Batch, build_loader, collate_fn, seed_worker
+from dinodet.data.synthetic import make_synthetic_coco
+from dinodet.data.transforms import TransformConfig, build_transforms
+
+__all__ = [
+    "AnnotationWarning",
+    "Batch",
+    "CocoDetection",
+    "SkippedImage",
+    "SkippedImageWarning",
+    "TransformConfig",
+    "build_loader",
+    "build_transforms",
+    "collate_fn",
+    "load_rgb_image",
+    "make_synthetic_coco",
+    "seed_worker",
+]

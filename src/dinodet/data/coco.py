@@ -1,0 +1,324 @@
+"""COCO-format detection datasets: an annotation json and a folder of images.
+
+Category ids are remapped to contiguous labels ``0..K-1`` (sorted by id) unless
+``keep_category_ids=True``, which keeps the raw id as the label the way the
+original COCO checkpoints do (91 slots for COCO, unused ids named ``unused-<id>``).
+The id/name table travels with the dataset (:meth:`CocoDetection.class_table`) so
+training can store it in checkpoints and prediction files.
+
+Bad annotations (unknown image or category, malformed box, width or height ≤ 0)
+are reported once at load time and left out; ``strict=True`` makes them an error.
+An image that cannot be read is not fatal either: ``__getitem__`` warns and returns
+a :class:`SkippedImage` marker that the collate function drops and reports in
+``Batch.skipped``, so the count survives DataLoader worker processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from pycocotools.coco import COCO
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.ops import box_convert, clip_boxes_to_image
+from torchvision.transforms.v2 import functional as F
+
+__all__ = [
+    "AnnotationWarning",
+    "CocoDetection",
+    "Sample",
+    "SkippedImage",
+    "SkippedImageWarning",
+    "load_rgb_image",
+]
+
+#: A transform applied to ``(image, target)``; see :func:`dinodet.data.build_transforms`.
+Transform = Callable[[tv_tensors.Image, dict[str, Any]], tuple[Any, dict[str, Any]]]
+#: What ``CocoDetection[i]`` gives for a readable image: ``(image [3, H, W] float, target)``.
+Sample = tuple[Tensor, dict[str, Any]]
+
+_REQUIRED_KEYS = {
+    "images": ("id", "file_name"),
+    "annotations": ("id", "image_id", "category_id", "bbox"),
+    "categories": ("id", "name"),
+}
+_MAX_LISTED = 20  # bad annotations named in the load-time warning
+_MAX_IN_ERROR = 5  # ... and in the strict-mode error
+
+
+class AnnotationWarning(UserWarning):
+    """Annotations of a COCO json were left out because they are invalid."""
+
+
+class SkippedImageWarning(UserWarning):
+    """An image file could not be read and its sample was skipped."""
+
+
+@dataclass(frozen=True)
+class SkippedImage:
+    """Marker returned by ``CocoDetection[i]`` in place of an unreadable image.
+
+    The collate function drops it and lists ``path`` in ``Batch.skipped``.
+    """
+
+    path: str
+    reason: str
+
+
+def load_rgb_image(path: str | Path) -> Image.Image:
+    """Decode an image fully into RGB, honouring its EXIF orientation.
+
+    Raises whatever the decoder raises; a truncated file only fails when its
+    pixels are read, which is why the image is loaded here and not lazily.
+    """
+    with Image.open(path) as im:
+        im.load()
+        return ImageOps.exif_transpose(im).convert("RGB")
+
+
+def _read_json(ann_file: Path) -> dict[str, Any]:
+    try:
+        with open(ann_file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{ann_file}: not a valid JSON file ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{ann_file}: expected a JSON object, got {type(data).__name__}")
+    for key, item_keys in _REQUIRED_KEYS.items():
+        if key not in data:
+            raise ValueError(f"{ann_file}: missing key {key!r}")
+        if not isinstance(data[key], list):
+            raise ValueError(f"{ann_file}: {key!r} must be a list, got {type(data[key]).__name__}")
+        for i, item in enumerate(data[key]):
+            if not isinstance(item, dict):
+                raise ValueError(f"{ann_file}: {key}[{i}] is not an object")
+            missing = [k for k in item_keys if k not in item]
+            if missing:
+                raise ValueError(f"{ann_file}: {key}[{i}] is missing key {missing[0]!r}")
+    return data
+
+
+def _annotation_problem(ann: dict, image_ids: set, category_ids: set) -> str | None:
+    """Why an annotation is unusable, or None when it is fine."""
+    if ann["image_id"] not in image_ids:
+        return "unknown image"
+    if ann["category_id"] not in category_ids:
+        return f"unknown category {ann['category_id']}"
+    bbox = ann["bbox"]
+    if not (
+        isinstance(bbox, list | tuple)
+        and len(bbox) == 4
+        and all(isinstance(v, int | float) and np.isfinite(v) for v in bbox)
+    ):
+        return f"malformed bbox {bbox!r}"
+    if bbox[2] <= 0 or bbox[3] <= 0:
+        return f"non-positive box size (w={bbox[2]}, h={bbox[3]})"
+    return None
+
+
+class CocoDetection(Dataset):
+    """A COCO-format detection dataset.
+
+    ``dataset[i]`` is ``(image, target)`` with ``image`` a float tensor ``[3, H, W]``
+    (the output of ``transforms``; without transforms, RGB in ``[0, 1]``) and ``target``::
+
+        labels     int64 [n]      class indices (see ``keep_category_ids``)
+        boxes      float32 [n, 4] normalised cxcywh w.r.t. the returned image
+        image_id   int            the json's image id
+        orig_size  int64 [2]      (h, w) of the decoded image
+        size       int64 [2]      (h, w) of the returned image
+
+    or a :class:`SkippedImage` when the file is missing or cannot be decoded.
+    Crowd boxes (``iscrowd=1``) are not targets but stay in :attr:`coco` for evaluation.
+
+    Args:
+        ann_file: the annotation json.
+        image_dir: folder that ``file_name`` of each image is relative to.
+        transforms: called as ``transforms(image, target)`` on a ``tv_tensors.Image``
+            (uint8) and ``{"boxes": BoundingBoxes (XYXY pixels), "labels": int64 [n]}``.
+        keep_category_ids: use raw category ids as labels (``num_classes = max id + 1``).
+        strict: raise ``ValueError`` on bad annotations and unreadable images
+            instead of warning and skipping them.
+    """
+
+    def __init__(
+        self,
+        ann_file: str | Path,
+        image_dir: str | Path,
+        transforms: Transform | None = None,
+        keep_category_ids: bool = False,
+        strict: bool = False,
+    ) -> None:
+        self.ann_file = Path(ann_file)
+        self.image_dir = Path(image_dir)
+        self.transforms = transforms
+        self.keep_category_ids = keep_category_ids
+        self.strict = strict
+
+        data = _read_json(self.ann_file)
+        images = {}
+        for img in data["images"]:
+            if img["id"] in images:
+                raise ValueError(f"{self.ann_file}: duplicate image id {img['id']}")
+            images[img["id"]] = img
+        categories = {}
+        for cat in data["categories"]:
+            if cat["id"] in categories:
+                raise ValueError(f"{self.ann_file}: duplicate category id {cat['id']}")
+            if not isinstance(cat["id"], int) or cat["id"] < 0:
+                raise ValueError(f"{self.ann_file}: category id {cat['id']!r} is not an int ≥ 0")
+            categories[cat["id"]] = cat
+        self._build_class_table(categories)
+
+        valid, problems = [], []
+        image_id_set, category_id_set = set(images), set(categories)
+        for ann in data["annotations"]:
+            problem = _annotation_problem(ann, image_id_set, category_id_set)
+            if problem is None:
+                valid.append(ann)
+            else:
+                problems.append(f"annotation {ann['id']} (image {ann['image_id']}): {problem}")
+        self._report_problems(problems)
+
+        self.image_ids: list[int] = sorted(images)
+        self._file_names = {i: images[i]["file_name"] for i in self.image_ids}
+        self._targets = self._group_targets(valid)
+        self.coco = self._build_coco(data, valid)
+
+    # -- categories ------------------------------------------------------------------------
+
+    def _build_class_table(self, categories: dict[int, dict]) -> None:
+        ids = sorted(categories)
+        if self.keep_category_ids:
+            self.num_classes = (max(ids) + 1) if ids else 0
+            self.label_to_category_id = list(range(self.num_classes))
+            self.class_names = [
+                categories[i]["name"] if i in categories else f"unused-{i}"
+                for i in range(self.num_classes)
+            ]
+            self.category_id_to_label = {i: i for i in ids}
+        else:
+            self.num_classes = len(ids)
+            self.label_to_category_id = ids
+            self.class_names = [categories[i]["name"] for i in ids]
+            self.category_id_to_label = {cid: label for label, cid in enumerate(ids)}
+
+    def class_table(self) -> list[dict[str, Any]]:
+        """``[{"label", "category_id", "name"}, ...]`` for every class index (JSON-ready)."""
+        return [
+            {"label": label, "category_id": int(cid), "name": str(name)}
+            for label, (cid, name) in enumerate(zip(self.label_to_category_id, self.class_names))
+        ]
+
+    # -- annotations -----------------------------------------------------------------------
+
+    def _report_problems(self, problems: list[str]) -> None:
+        if not problems:
+            return
+        n = len(problems)
+        if self.strict:
+            listed = "; ".join(problems[:_MAX_IN_ERROR])
+            more = f"; and {n - _MAX_IN_ERROR} more" if n > _MAX_IN_ERROR else ""
+            raise ValueError(f"{self.ann_file}: {n} invalid annotations: {listed}{more}")
+        listed = "\n  ".join(problems[:_MAX_LISTED])
+        more = f"\n  ... and {n - _MAX_LISTED} more" if n > _MAX_LISTED else ""
+        warnings.warn(
+            f"{self.ann_file}: ignoring {n} invalid annotations:\n  {listed}{more}",
+            AnnotationWarning,
+            stacklevel=3,
+        )
+
+    def _group_targets(self, annotations: list[dict]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """image id -> (boxes xyxy float32 [n, 4], labels int64 [n]), crowd boxes left out."""
+        grouped: dict[int, tuple[list, list]] = {}
+        for ann in annotations:
+            if ann.get("iscrowd", 0):
+                continue
+            x, y, w, h = ann["bbox"]
+            boxes, labels = grouped.setdefault(ann["image_id"], ([], []))
+            boxes.append((x, y, x + w, y + h))
+            labels.append(self.category_id_to_label[ann["category_id"]])
+        return {
+            image_id: (np.asarray(b, np.float32).reshape(-1, 4), np.asarray(lab, np.int64))
+            for image_id, (b, lab) in grouped.items()
+        }
+
+    def _build_coco(self, data: dict[str, Any], annotations: list[dict]) -> COCO:
+        """A pycocotools index of the valid annotations (crowd included) for evaluation."""
+        anns = []
+        for ann in annotations:
+            if "area" not in ann or "iscrowd" not in ann:
+                # COCOeval reads both; fill them in rather than fail at evaluation time.
+                ann = {"area": float(ann["bbox"][2] * ann["bbox"][3]), "iscrowd": 0, **ann}
+            anns.append(ann)
+        dataset = {**data, "annotations": anns}
+        coco = COCO()
+        coco.dataset = dataset
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
+        return coco
+
+    # -- samples ---------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def image_path(self, index: int) -> Path:
+        return self.image_dir / self._file_names[self.image_ids[index]]
+
+    def __getitem__(self, index: int) -> Sample | SkippedImage:
+        image_id = self.image_ids[index]
+        path = self.image_path(index)
+        try:
+            pil = load_rgb_image(path)
+        except Exception as exc:  # decoders raise many types (OSError, SyntaxError, ...)
+            reason = f"{type(exc).__name__}: {exc}"
+            if self.strict:
+                raise ValueError(f"cannot read image {path}: {reason}") from exc
+            warnings.warn(f"skipping image {path}: {reason}", SkippedImageWarning, stacklevel=2)
+            return SkippedImage(str(path), reason)
+
+        image = tv_tensors.Image(F.pil_to_tensor(pil))
+        h, w = image.shape[-2:]
+        boxes, labels = self._targets.get(
+            image_id, (np.zeros((0, 4), np.float32), np.zeros(0, np.int64))
+        )
+        boxes = clip_boxes_to_image(torch.from_numpy(boxes), (h, w))
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(boxes[keep], format="XYXY", canvas_size=(h, w)),
+            "labels": torch.from_numpy(labels)[keep],
+        }
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return _finalise(image, target, image_id, (h, w))
+
+
+def _finalise(image: Tensor, target: dict[str, Any], image_id: int, orig_size: tuple) -> Sample:
+    """Plain tensors out: float image, normalised cxcywh float32 boxes, sizes."""
+    image = image.as_subclass(Tensor)
+    if not image.is_floating_point():
+        image = F.to_dtype(image, torch.float32, scale=True)
+    h, w = image.shape[-2:]
+    boxes = target["boxes"]
+    xyxy = F.convert_bounding_box_format(boxes, new_format="XYXY").as_subclass(Tensor)
+    cxcywh = box_convert(xyxy.float(), "xyxy", "cxcywh")
+    cxcywh = cxcywh / torch.tensor([w, h, w, h], dtype=torch.float32)
+    return image, {
+        "labels": target["labels"].to(torch.int64),
+        "boxes": cxcywh,
+        "image_id": int(image_id),
+        "orig_size": torch.tensor(orig_size, dtype=torch.int64),
+        "size": torch.tensor([h, w], dtype=torch.int64),
+    }
