@@ -43,6 +43,15 @@ def synthetic_image(height: int = 480, width: int = 640, seed: int = 0):
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if not args.detect_only:
+        from dinodet.engine.demo import run_demo
+
+        summary = run_demo(args.out, epochs=args.epochs)
+        return 0 if summary["metrics"] else 1
+    return _detect_demo(args)
+
+
+def _detect_demo(args: argparse.Namespace) -> int:
     import torch
 
     import dinodet
@@ -72,6 +81,46 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from dinodet.engine.config import load_train_config
+    from dinodet.engine.train import TrainingStopped, train
+
+    cfg = load_train_config(
+        args.preset, args.config, args.set or [], epochs=args.epochs,
+        batch_size=args.batch_size, out_dir=args.out, train_ann=args.train_ann,
+        train_images=args.train_images, val_ann=args.val_ann, val_images=args.val_images,
+        keep_category_ids=True if args.keep_category_ids else None,
+        strict=True if args.strict else None)
+    try:
+        summary = train(cfg, resume=args.resume, init=args.init, progress=not args.no_progress)
+    except TrainingStopped as e:
+        print(f"dinodet train: stopped: {e}", file=sys.stderr)
+        return 3
+    return 130 if (summary["stopped_by"] or "").startswith("signal") else 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from dinodet.engine.run import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, args.ann, args.images, out=args.out,
+                                 variant=args.variant, batch_size=args.batch_size,
+                                 eval_size=args.eval_size,
+                                 keep_category_ids=args.keep_category_ids,
+                                 num_workers=args.workers)
+    print(result.format_table())
+    if args.out:
+        print(f"wrote detections to {args.out}")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from dinodet.engine.plot import plot_run
+
+    for path in plot_run(args.run_dir):
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dinodet.config import PRESETS
 
@@ -86,7 +135,53 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-initialise the class heads for this many classes (fine-tuning)")
     p.set_defaults(func=_convert)
 
-    p = sub.add_parser("demo", help="build a model and detect on a generated image")
+    p = sub.add_parser("train", help="train on a COCO-format dataset (torchrun for many GPUs)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="network preset (default r50-4scale, or the config file's)")
+    p.add_argument("--train-ann", help="COCO annotation json of the training split")
+    p.add_argument("--train-images", help="image folder of the training split")
+    p.add_argument("--val-ann", help="COCO annotation json of the validation split")
+    p.add_argument("--val-images", help="image folder of the validation split")
+    p.add_argument("--out", help="run directory (checkpoints, logs)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="images per process")
+    p.add_argument("--config", help="YAML file of settings (validated)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override one setting, e.g. --set optim.lr=2e-4 (repeatable)")
+    p.add_argument("--resume", help="'auto' (newest checkpoint in --out) or a checkpoint")
+    p.add_argument("--init", help="start from weights: a dinodet checkpoint / model "
+                                  "directory, or an original DINO .pth")
+    p.add_argument("--keep-category-ids", action="store_true",
+                   help="use raw category ids as class indices (COCO's 91 of the original)")
+    p.add_argument("--strict", action="store_true",
+                   help="unreadable images and bad annotations are errors, not warnings")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="COCO metrics of a checkpoint on a dataset")
+    p.add_argument("--checkpoint", required=True,
+                   help="dinodet checkpoint / model directory, or original .pth with --variant")
+    p.add_argument("--ann", required=True, help="COCO annotation json")
+    p.add_argument("--images", required=True, help="image folder")
+    p.add_argument("--out", help="write detections here (COCO results json)")
+    p.add_argument("--variant", choices=sorted(PRESETS), help="for an original DINO .pth")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--eval-size", type=int, default=None, help="shorter side (default: "
+                   "the checkpoint's training setting, else 800)")
+    p.add_argument("--keep-category-ids", action="store_true",
+                   help="class index = category id (original DINO checkpoints on COCO)")
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("plot", help="draw loss and AP curves of a run to PNG")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_plot)
+
+    p = sub.add_parser("demo", help="train cpu-small on synthetic data, evaluate, draw results")
+    p.add_argument("--out", default="runs/demo", help="where data, run and images go")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--detect-only", action="store_true",
+                   help="only build a model and detect on one generated image")
     p.add_argument("--variant", default="r50-4scale", choices=sorted(PRESETS))
     p.add_argument("--weights", default=None, help="a directory written by `dinodet convert`")
     p.add_argument("--height", type=int, default=480)

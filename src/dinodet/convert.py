@@ -251,3 +251,47 @@ def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu") 
     model = DINO(cfg)
     load_into(model, sd, str(weights))
     return model.eval()
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, Tensor], str]:
+    """dinodet-layout weights from any file dinodet knows, and what kind it was.
+
+    A dinodet training checkpoint (``.pt`` with ``model`` and ``config``), a model
+    directory (``model.safetensors``) or an original DINO ``.pth`` (renamed on the fly).
+    """
+    path = Path(path)
+    if path.is_dir():
+        from safetensors.torch import load_file
+
+        weights = path / "model.safetensors"
+        if not weights.is_file():
+            raise CheckpointError(f"{path} is not a dinodet model directory: "
+                                  "model.safetensors missing")
+        return load_file(str(weights)), "dinodet model directory"
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path)), "safetensors file"
+    raw = load_original_checkpoint(path) if path.is_file() else None
+    if raw is None:
+        raise CheckpointError(f"weights not found: {path}")
+    if any(k.startswith(("transformer.", "backbone.0.")) for k in raw):
+        _check_swin_index(raw)
+        return original_to_dinodet(raw), "original DINO checkpoint"
+    return dict(raw), "dinodet checkpoint"
+
+
+def load_initial_weights(model: DINO, path: str | Path) -> list[str]:
+    """Start training from ``path``: every tensor that fits is loaded; tensors of the class
+    heads whose class count differs are left re-initialised (returned, and warned about).
+    Anything else that does not fit is an error naming the keys."""
+    sd, kind = read_weights(path)
+    own = model.state_dict()
+    reinit = sorted(k for k in sd if k in own and k.startswith(CLASS_DEPENDENT)
+                    and sd[k].shape != own[k].shape)
+    if reinit:
+        warnings.warn(f"{path} ({kind}) has another number of classes: re-initialising "
+                      f"{', '.join(reinit)}", stacklevel=2)
+    load_into(model, {k: v for k, v in sd.items() if k not in reinit}, str(path),
+              skip=tuple(reinit))
+    return reinit

@@ -1,0 +1,52 @@
+"""Draw detections on images: boxes, class names and scores that stay readable."""
+
+from __future__ import annotations
+
+import colorsys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torchvision.utils import draw_bounding_boxes
+
+
+def class_colour(label: int) -> tuple[int, int, int]:
+    """A saturated colour per class, spread around the hue circle (golden-ratio steps)."""
+    hue = (label * 0.618033988749895) % 1.0
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.85, 1.0)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def draw_detections(image: Tensor | Image.Image, boxes: Tensor, labels: Tensor, scores: Tensor,
+                    class_names: Sequence[str] | None = None, width: int = 3) -> Image.Image:
+    """Annotated copy of ``image`` (uint8 [3, H, W] tensor or PIL) with xyxy pixel ``boxes``.
+
+    Each box gets its class colour; the caption (``name score``) is drawn by torchvision on
+    a filled box of that colour, so it stays readable on any background.
+    """
+    if isinstance(image, Image.Image):
+        from torchvision.transforms.v2.functional import pil_to_tensor
+
+        image = pil_to_tensor(image.convert("RGB"))
+    if image.dtype != torch.uint8:
+        raise TypeError(f"draw_detections needs a uint8 image, got {image.dtype}")
+    names = [class_names[int(lab)] if class_names is not None and int(lab) < len(class_names)
+             else str(int(lab)) for lab in labels]
+    captions = [f"{n} {float(s):.2f}" for n, s in zip(names, scores)]
+    colours = [class_colour(int(lab)) for lab in labels]
+    if len(boxes):
+        image = draw_bounding_boxes(image, boxes.float().cpu(), labels=captions,
+                                    colors=colours, width=width, fill_labels=True,
+                                    label_colors="black")
+    return Image.fromarray(image.permute(1, 2, 0).numpy())
+
+
+def save_detections(path: str | Path, image: Tensor | Image.Image, boxes: Tensor,
+                    labels: Tensor, scores: Tensor, class_names: Sequence[str] | None = None
+                    ) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    draw_detections(image, boxes, labels, scores, class_names).save(path)
+    return path
