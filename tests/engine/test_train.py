@@ -1,0 +1,315 @@
+"""The training loop end to end on tiny synthetic data."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from dinodet.data.synthetic import make_synthetic_coco
+from dinodet.engine.checkpoint import CheckpointManager, CheckpointSaveError, load_checkpoint
+from dinodet.engine.config import load_train_config
+from dinodet.engine.train import TrainingStopped, train
+
+TINY_MODEL = ["model.hidden_dim=64", "model.num_heads=4", "model.enc_layers=1",
+              "model.dec_layers=2", "model.dim_feedforward=128", "model.num_queries=20",
+              "model.dn_number=10", "model.num_select=20"]
+
+
+def _sizes(size: int) -> list[str]:
+    return [f"data.scales=[{size}]", f"data.max_size={2 * size}",
+            f"data.crop_resize_scales=[{size}]", f"data.crop_min={size}",
+            f"data.crop_max={size}", f"data.eval_size={size}", "data.num_workers=0"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    return make_synthetic_coco(root, num_train=4, num_val=2, image_size=(96, 96),
+                               max_objects=3, seed=3)
+
+
+def tiny_config(data, out_dir, *sets, epochs=2, val=True, **kw):
+    return load_train_config(
+        "cpu-small", None, [*_sizes(96), *TINY_MODEL, "log_every=1", *sets], epochs=epochs,
+        batch_size=2, out_dir=str(out_dir), train_ann=str(data["train_ann"]),
+        train_images=str(data["train_images"]),
+        val_ann=str(data["val_ann"]) if val else None,
+        val_images=str(data["val_images"]) if val else None, **kw)
+
+
+def test_overfitting_a_handful_of_images_reaches_ap50_0_9(tiny_data, tmp_path):
+    # Evaluate on the training images themselves: the model must be able to memorise them.
+    cfg = load_train_config(
+        "cpu-small", None,
+        [*_sizes(96), *TINY_MODEL, "optim.lr=1e-3", "optim.lr_backbone=1e-3",
+         "optim.schedule=cosine", "optim.warmup_steps=10", "eval_every_epochs=1000",
+         "log_every=25"],
+        epochs=75, batch_size=2, out_dir=str(tmp_path / "run"),
+        train_ann=str(tiny_data["train_ann"]), train_images=str(tiny_data["train_images"]),
+        val_ann=str(tiny_data["train_ann"]), val_images=str(tiny_data["train_images"]))
+    summary = train(cfg, progress=False)
+    assert summary["steps"] == 150
+    assert summary["metrics"]["AP50"] >= 0.9
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if r["type"] == "step"]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def _weights(path):
+    return load_checkpoint(path)["model"]
+
+
+def test_resume_gives_identical_weights_in_deterministic_mode(tiny_data, tmp_path):
+    straight = train(tiny_config(tiny_data, tmp_path / "a", "deterministic=true", val=False,
+                                 epochs=2), progress=False)
+    train(tiny_config(tiny_data, tmp_path / "b", "deterministic=true", val=False, epochs=1),
+          progress=False)
+    resumed = train(tiny_config(tiny_data, tmp_path / "b", "deterministic=true", val=False,
+                                epochs=2), resume="auto", progress=False)
+    assert resumed["steps"] == straight["steps"] == 4
+    a, b = _weights(straight["latest_checkpoint"]), _weights(resumed["latest_checkpoint"])
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_step_checkpoints_resume_mid_epoch_to_the_same_weights(tiny_data, tmp_path):
+    sets = ("deterministic=true", "checkpoint_every_steps=1", "keep_last=10")
+    straight = train(tiny_config(tiny_data, tmp_path / "a", *sets, val=False, epochs=1),
+                     progress=False)
+    # A run killed after its first step: keep only that step's checkpoint.
+    partial = train(tiny_config(tiny_data, tmp_path / "b", *sets, val=False, epochs=1),
+                    max_steps=1, progress=False)
+    assert partial["steps"] == 1
+    resumed = train(tiny_config(tiny_data, tmp_path / "b", *sets, val=False, epochs=1),
+                    resume="auto", progress=False)
+    a, b = _weights(straight["latest_checkpoint"]), _weights(resumed["latest_checkpoint"])
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_checkpoint_contents_load_with_weights_only(tiny_data, tmp_path):
+    summary = train(tiny_config(tiny_data, tmp_path, "ema=true", epochs=1), progress=False)
+    ckpt = torch.load(summary["latest_checkpoint"], weights_only=True)
+    for key in ("model", "optimizer", "scheduler", "scaler", "ema", "rng", "epoch", "step",
+                "config", "model_config", "classes"):
+        assert key in ckpt, key
+    assert [c["category_id"] for c in ckpt["classes"]] == [1, 3, 5, 7]
+    assert ckpt["epoch"] == 1 and ckpt["step"] == 2
+    assert (tmp_path / "best.pt").is_file()
+
+
+def test_corrupt_image_is_skipped_named_and_counted(tiny_data, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    coco = json.loads(Path(tiny_data["train_ann"]).read_text())
+    for im in coco["images"]:
+        (images / im["file_name"]).write_bytes(
+            (Path(tiny_data["train_images"]) / im["file_name"]).read_bytes())
+    broken = coco["images"][1]["file_name"]
+    (images / broken).write_bytes(b"\xff\xd8 not really a jpeg")
+    data = dict(tiny_data, train_images=images)
+    with pytest.warns(UserWarning, match=broken):
+        summary = train(tiny_config(data, tmp_path / "run", val=False, epochs=1),
+                        progress=False)
+    assert summary["skipped_images"] == 1
+    with pytest.raises(ValueError, match=broken):
+        train(tiny_config(data, tmp_path / "strict", "data.strict=true", val=False, epochs=1),
+              progress=False)
+
+
+def test_nan_losses_skip_steps_then_stop_with_the_checkpoint_intact(tiny_data, tmp_path,
+                                                                     monkeypatch):
+    cfg = tiny_config(tiny_data, tmp_path, "max_bad_steps=2", val=False, epochs=3)
+    first = train(tiny_config(tiny_data, tmp_path, val=False, epochs=1), progress=False)
+    before = Path(first["latest_checkpoint"]).read_bytes()
+
+    from dinodet.loss import criterion as criterion_module
+
+    real = criterion_module.SetCriterion.forward
+
+    def poisoned(self, outputs, targets):
+        losses = real(self, outputs, targets)
+        losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(criterion_module.SetCriterion, "forward", poisoned)
+    with pytest.warns(UserWarning, match="non-finite loss"), \
+            pytest.raises(TrainingStopped, match="2 non-finite losses in a row"):
+        train(cfg, resume="auto", progress=False)
+    assert CheckpointManager(tmp_path).latest() == Path(first["latest_checkpoint"])
+    assert Path(first["latest_checkpoint"]).read_bytes() == before
+
+
+def test_full_disk_fails_the_save_clearly_and_keeps_the_previous_checkpoint(
+        tiny_data, tmp_path, monkeypatch):
+    first = train(tiny_config(tiny_data, tmp_path, val=False, epochs=1), progress=False)
+    before = Path(first["latest_checkpoint"]).read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointSaveError, match="disk full"):
+        train(tiny_config(tiny_data, tmp_path, val=False, epochs=2), resume="auto",
+              progress=False)
+    monkeypatch.undo()
+    assert Path(first["latest_checkpoint"]).read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    resumed = train(tiny_config(tiny_data, tmp_path, val=False, epochs=2), resume="auto",
+                    progress=False)
+    assert resumed["steps"] == 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from dinodet.engine.config import TrainConfig
+    from dinodet.engine.train import train
+    cfg = TrainConfig.from_dict(json.loads(sys.argv[1]))
+    summary = train(cfg, resume=sys.argv[2] or None, progress=False)
+    print("SUMMARY", json.dumps({k: summary[k] for k in ("steps", "stopped_by")}))
+""")
+
+
+def _spawn_training(cfg, resume=""):
+    return subprocess.Popen([sys.executable, "-c", _SCRIPT, json.dumps(cfg.to_dict()), resume],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigterm_writes_a_checkpoint_then_exits_and_resume_continues(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path, val=False, epochs=1000)
+    proc = _spawn_training(cfg)
+    log = tmp_path / "log.jsonl"
+    for _ in range(600):  # wait for the first optimizer step
+        if log.is_file() and '"type": "step"' in log.read_text():
+            break
+        if proc.poll() is not None:
+            break
+        import time
+
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert '"stopped_by": "signal SIGTERM"' in out
+    latest = CheckpointManager(tmp_path).latest()
+    assert latest is not None
+    steps = load_checkpoint(latest)["step"]
+    assert steps >= 1
+    resumed = train(tiny_config(tiny_data, tmp_path, val=False, epochs=1000), resume="auto",
+                    max_steps=steps + 1, progress=False)
+    assert resumed["steps"] == steps + 1
+
+
+def test_kill_9_at_any_moment_resumes_from_the_last_checkpoint(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path, "checkpoint_every_steps=1", val=False, epochs=1000)
+    proc = _spawn_training(cfg)
+    manager = CheckpointManager(tmp_path)
+    for _ in range(600):
+        if len(manager.checkpoints()) >= 2 or proc.poll() is not None:
+            break
+        import time
+
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    latest = manager.latest()
+    assert latest is not None
+    steps = load_checkpoint(latest)["step"]
+    resumed = train(tiny_config(tiny_data, tmp_path, val=False, epochs=1000), resume="auto",
+                    max_steps=steps + 1, progress=False)
+    assert resumed["steps"] == steps + 1
+
+
+def test_two_process_ddp_trains_on_gloo(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path, epochs=1)
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", _SCRIPT, json.dumps(cfg.to_dict()), ""], env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    # 4 images, 2 per process: one optimizer step per epoch.
+    assert '"steps": 1' in outs[0][0]
+    ckpt = load_checkpoint(CheckpointManager(tmp_path).latest())
+    assert len(ckpt["rng"]) == 2
+    record = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().split("\n") if x]
+    assert any(r["type"] == "epoch" and "AP" in r for r in record)
+
+
+_STEP_SCRIPT = textwrap.dedent("""
+    import os, sys, torch
+    from torch import nn
+    import dinodet
+    from dinodet.config import BackboneConfig, DINOConfig
+    from dinodet.engine import distributed as dist
+    info = dist.init_distributed("cpu")
+    torch.manual_seed(0)
+    cfg = DINOConfig(num_classes=5, backbone=BackboneConfig(name="resnet18"), hidden_dim=64,
+                     num_heads=4, enc_layers=1, dec_layers=2, dim_feedforward=128,
+                     num_queries=20, denoising="off", num_select=20)
+    model = dinodet.build_model(cfg).train()
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(4, 3, 64, 64, generator=g)
+    targets = [{"labels": torch.randint(0, 5, (n,), generator=g),
+                "boxes": torch.cat([0.3 + 0.4 * torch.rand(n, 2, generator=g),
+                                    0.1 + 0.2 * torch.rand(n, 2, generator=g)], 1)}
+               for n in (1, 3, 0, 2)]
+    per_rank = 4 // info.world_size
+    mine = slice(info.rank * per_rank, (info.rank + 1) * per_rank)
+    net = (nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+           if info.distributed else model)  # as the training loop wraps it
+    losses = dinodet.build_criterion(5)(net(list(images[mine]), targets[mine]), targets[mine])
+    losses["loss"].backward()
+    loss = dist.all_reduce_mean(losses["loss"].detach())
+    if info.is_main:
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        torch.save({"loss": loss, "grads": grads}, sys.argv[1])
+    dist.cleanup()
+""")
+
+
+def test_ddp_first_step_loss_and_gradients_equal_one_process(tmp_path):
+    """Two gloo processes with two images each = one process with all four (no denoising)."""
+    single = tmp_path / "single.pt"
+    subprocess.run([sys.executable, "-c", _STEP_SCRIPT, str(single)], check=True,
+                   env=dict(os.environ, WORLD_SIZE="1"))
+    port = _free_port()
+    both = tmp_path / "ddp.pt"
+    procs = [subprocess.Popen(
+        [sys.executable, "-c", _STEP_SCRIPT, str(both)], stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1"))
+        for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    a, b = torch.load(single, weights_only=True), torch.load(both, weights_only=True)
+    torch.testing.assert_close(b["loss"], a["loss"], rtol=1e-5, atol=1e-6)
+    assert a["grads"].keys() == b["grads"].keys()
+    assert len(a["grads"]) > 50
+    for name, want in a["grads"].items():
+        # float32 sums in another order: compare against the tensor's own scale.
+        err = (b["grads"][name] - want).abs().max() / want.abs().max().clamp_min(1e-12)
+        assert err < 1e-3, (name, err.item())
