@@ -16,9 +16,9 @@ DEMO_SETTINGS: dict[str, Any] = {
     "image_size": 256,
     "num_train": 240,
     "num_val": 40,
-    "epochs": 14,
+    "epochs": 6,
     "batch_size": 4,
-    "lr": 2e-4,
+    "lr": 4e-4,
 }
 
 
@@ -59,7 +59,7 @@ def run_demo(out_dir: str | Path = "runs/demo", epochs: int | None = None,
 
 
 def _annotate(model: torch.nn.Module, image_dir: Path, out_dir: Path, size: int,
-              names: list[str], limit: int = 12, threshold: float = 0.3) -> None:
+              names: list[str], limit: int = 12, threshold: float = 0.25) -> None:
     from PIL import Image
     from torchvision.transforms.v2 import functional as F
 
