@@ -364,14 +364,24 @@ def _train_one_epoch(cfg: TrainConfig, ddp_model: nn.Module, model: DINO, criter
                                         img_s=f"{speed:.1f}")
             if cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0:
                 checkpoint()
-            if stop.received is not None:
-                return f"signal {signal.Signals(stop.received).name}"
+            if _any_rank(stop.received is not None, info, device):
+                name = signal.Signals(stop.received).name if stop.received else "peer"
+                return f"signal {name}"
             if max_steps is not None and state.step >= max_steps:
                 return "max_steps"
     finally:
         if bar is not None:
             bar.close()
     return None
+
+
+def _any_rank(flag: bool, info: dist.DistInfo, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is set on any (a signal may reach only one)."""
+    if not info.distributed:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _to_float(outputs: Any) -> Any:

@@ -37,8 +37,12 @@ class ResNetBody(nn.Module):
         self.return_levels = return_levels
         self.out_channels = [_RESNET_CHANNELS[name][i] for i in return_levels]
         self.strides = [4 * 2**i for i in return_levels]
+        # oneDNN (CPU) and cuDNN convolutions are faster on NHWC: ~15 % of a CPU training
+        # step of r50-4scale. Results are the same up to summation order.
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, x: Tensor) -> list[Tensor]:
+        x = x.contiguous(memory_format=torch.channels_last)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         out = []
         for i, layer in enumerate((self.layer1, self.layer2, self.layer3, self.layer4)):
