@@ -313,3 +313,79 @@ def test_ddp_first_step_loss_and_gradients_equal_one_process(tmp_path):
         # float32 sums in another order: compare against the tensor's own scale.
         err = (b["grads"][name] - want).abs().max() / want.abs().max().clamp_min(1e-12)
         assert err < 1e-3, (name, err.item())
+
+
+class _FakeWriter:
+    scalars: list = []
+
+    def __init__(self, log_dir):
+        self.log_dir = log_dir
+
+    def add_scalar(self, tag, value, step):
+        _FakeWriter.scalars.append((tag, value, step))
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_accumulation_ema_and_tensorboard(tiny_data, tmp_path, monkeypatch, amp):
+    import types
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = _FakeWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    _FakeWriter.scalars = []
+    cfg = tiny_config(tiny_data, tmp_path, f"amp={amp}", "optim.accumulate_steps=2",
+                      "ema=true", "tensorboard=true", epochs=2)
+    summary = train(cfg, progress=False)
+    # 2 batches per epoch, accumulated in pairs: one optimizer step per epoch.
+    assert summary["steps"] == 2
+    ckpt = load_checkpoint(summary["latest_checkpoint"])
+    assert ckpt["ema"]["updates"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    if amp == "fp16":
+        assert ckpt["scaler"]["scale"] > 0
+    tags = {tag for tag, _, _ in _FakeWriter.scalars}
+    assert {"step/loss", "step/lr", "epoch/AP"} <= tags
+
+
+def test_init_from_an_original_checkpoint_with_other_classes(tiny_data, tmp_path):
+    from reference_weights import load_manifest, make_state_dict
+
+    original = tmp_path / "checkpoint0011_4scale.pth"
+    torch.save({"model": make_state_dict(load_manifest("dino_r50_4scale"))}, original)
+    cfg = load_train_config("r50-4scale", None, _sizes(96),
+                            epochs=1, batch_size=2, out_dir=str(tmp_path / "run"),
+                            train_ann=str(tiny_data["train_ann"]),
+                            train_images=str(tiny_data["train_images"]))
+    with pytest.warns(UserWarning, match=r"re-initialising class_head\.bias"):
+        summary = train(cfg, init=str(original), max_steps=1, progress=False)
+    assert summary["steps"] == 1
+    weights = load_checkpoint(summary["latest_checkpoint"])["model"]
+    assert weights["class_head.weight"].shape == (4, 256)
+    assert weights["label_embed.weight"].shape == (5, 256)
+
+
+def test_eval_and_plot_commands_on_a_trained_run(tiny_data, tmp_path, capsys):
+    from PIL import Image
+
+    from dinodet.cli import main as cli_main
+
+    summary = train(tiny_config(tiny_data, tmp_path / "run", epochs=1), progress=False)
+    pred = tmp_path / "pred.json"
+    assert cli_main(["eval", "--checkpoint", summary["latest_checkpoint"], "--ann",
+                     str(tiny_data["val_ann"]), "--images", str(tiny_data["val_images"]),
+                     "--out", str(pred), "--workers", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "AP50" in printed and "rectangle" in printed
+    results = json.loads(pred.read_text())
+    assert results and {r["category_id"] for r in results} <= {1, 3, 5, 7}
+    assert set(results[0]) == {"image_id", "category_id", "bbox", "score"}
+    assert cli_main(["plot", str(tmp_path / "run")]) == 0
+    for name in ("loss.png", "ap.png"):
+        with Image.open(tmp_path / "run" / name) as im:
+            assert im.format == "PNG" and im.size[0] > 100

@@ -185,6 +185,7 @@ class TrainConfig:
     max_bad_steps: int = 10
     device: str = "auto"
     out_dir: str = "runs/dino"
+    tensorboard: bool = False  # also write TensorBoard event files (extra: dinodet[tensorboard])
 
     def __post_init__(self) -> None:
         _coerce_fields(self, "")

@@ -142,9 +142,34 @@ def build_training_model(cfg: TrainConfig, num_classes: int, init: str | None = 
     return model
 
 
-def _log(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+class RunLog:
+    """One JSON line per record in ``log.jsonl``; the numbers also go to TensorBoard when
+    asked (``tensorboard=true``; needs the ``tensorboard`` package)."""
+
+    def __init__(self, out_dir: Path, tensorboard: bool) -> None:
+        self.path = out_dir / "log.jsonl"
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ImportError("tensorboard=true needs the tensorboard package: "
+                                  "pip install 'dinodet[tensorboard]'") from e
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None and record["type"] in ("step", "epoch"):
+            x = record["step"]
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "epoch", "type"):
+                    self.writer.add_scalar(f"{record['type']}/{key}", value, x)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def train(cfg: TrainConfig, resume: str | None = None, init: str | None = None,
@@ -163,7 +188,7 @@ def train(cfg: TrainConfig, resume: str | None = None, init: str | None = None,
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(cfg.to_yaml())
-    log_file = out_dir / "log.jsonl"
+    log = RunLog(out_dir, cfg.tensorboard and info.is_main)
 
     d = cfg.data
     if not (d.train_ann and d.train_images):
@@ -245,12 +270,13 @@ def train(cfg: TrainConfig, resume: str | None = None, init: str | None = None,
                              cfg.seed * 1000 + state.epoch * 10 + info.rank, drop_last=True)
             stopped_by = _train_one_epoch(
                 cfg, ddp_model, model, criterion, optimizer, scheduler, scaler, ema, loader,
-                device, amp_dtype, state, stop, checkpoint, log_file, info, batches_per_epoch,
+                device, amp_dtype, state, stop, checkpoint, log, info, batches_per_epoch,
                 max_steps, progress)
             if stopped_by is not None:
                 break
             metric = None
-            if val_set is not None and ((state.epoch + 1) % cfg.eval_every_epochs == 0
+            every = cfg.eval_every_epochs
+            if val_set is not None and ((every and (state.epoch + 1) % every == 0)
                                         or state.epoch + 1 == cfg.epochs):
                 last_eval = _evaluate(cfg, ema.module if ema else model, val_set, device,
                                       info, amp_dtype)
@@ -261,13 +287,13 @@ def train(cfg: TrainConfig, resume: str | None = None, init: str | None = None,
                          else {})}
             state.history.append(record)
             if info.is_main:
-                _log(log_file, record)
+                log(record)
                 if last_eval is not None and metric is not None:
                     print(last_eval.format_table())
             state.epoch += 1
             state.batches_done = 0
             checkpoint(metric)
-        if stopped_by is not None and stopped_by.startswith("signal"):
+        if stopped_by is not None:  # a signal or max_steps: keep where we are
             checkpoint()
 
     summary = {
@@ -278,7 +304,8 @@ def train(cfg: TrainConfig, resume: str | None = None, init: str | None = None,
         "latest_checkpoint": str(manager.latest()) if info.is_main else None,
     }
     if info.is_main:
-        _log(log_file, {"type": "summary", **summary})
+        log({"type": "summary", **summary})
+        log.close()
         _print_summary(summary)
     return summary
 
@@ -287,7 +314,7 @@ def _train_one_epoch(cfg: TrainConfig, ddp_model: nn.Module, model: DINO, criter
                      optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
                      ema: ModelEMA | None, loader: DataLoader, device: torch.device,
                      amp_dtype: torch.dtype | None, state: RunState, stop: _StopSignal,
-                     checkpoint: Any, log_file: Path, info: dist.DistInfo,
+                     checkpoint: Any, log: RunLog, info: dist.DistInfo,
                      batches_per_epoch: int, max_steps: int | None,
                      progress: bool) -> str | None:
     """Train until the epoch ends; returns why it stopped early, or None."""
@@ -358,7 +385,7 @@ def _train_one_epoch(cfg: TrainConfig, ddp_model: nn.Module, model: DINO, criter
                           **{k: float(v) for k, v in dist.reduce_dict_mean(
                               {k: v.detach() for k, v in losses.items()}).items()}}
                 if info.is_main:
-                    _log(log_file, record)
+                    log(record)
                     if bar is not None:
                         bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
                                         img_s=f"{speed:.1f}")
