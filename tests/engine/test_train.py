@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import typing
 from pathlib import Path
 
 import pytest
@@ -316,7 +317,7 @@ def test_ddp_first_step_loss_and_gradients_equal_one_process(tmp_path):
 
 
 class _FakeWriter:
-    scalars: list = []
+    scalars: typing.ClassVar[list] = []
 
     def __init__(self, log_dir):
         self.log_dir = log_dir
