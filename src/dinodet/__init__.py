@@ -17,6 +17,8 @@ __version__ = "0.1.0"
 __all__ = [
     "PRESETS",
     "DINOConfig",
+    "Detections",
+    "Detector",
     "__version__",
     "build_criterion",
     "build_model",
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
     from dinodet.loss.criterion import build_criterion
     from dinodet.model.dino import DINO
     from dinodet.model.postprocess import postprocess
+    from dinodet.predict import Detections, Detector
 
 _LAZY = {
     "PRESETS": "dinodet.config",
@@ -44,6 +47,8 @@ _LAZY = {
     "build_criterion": "dinodet.loss.criterion",
     "postprocess": "dinodet.model.postprocess",
     "DINO": "dinodet.model.dino",
+    "Detector": "dinodet.predict",
+    "Detections": "dinodet.predict",
 }
 
 

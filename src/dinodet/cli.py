@@ -121,10 +121,89 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Files, folders (their images, by extension) and globs -> (image files, misses)."""
+    import glob
+    from pathlib import Path
+
+    from dinodet.predict import IMAGE_EXTENSIONS
+
+    files: list[str] = []
+    missing: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = [str(p) for p in sorted(path.iterdir())
+                     if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+        elif path.is_file():
+            found = [item]
+        else:
+            found = [p for p in sorted(glob.glob(item, recursive=True)) if Path(p).is_file()]
+        if not found:
+            missing.append(item)
+        files += [f for f in found if f not in files]
+    return files, missing
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from dinodet.predict import Detector, ImageReadError, load_image
+    from dinodet.visualize import save_detections
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    files, missing = _predict_inputs(args.inputs)
+    for item in missing:
+        print(f"dinodet predict: no image found at {item}", file=sys.stderr)
+    detector = Detector.from_pretrained(args.checkpoint, variant=args.variant)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records, failed, used = [], list(missing), set()
+    bar = tqdm(total=len(files), unit="image", disable=len(files) <= 4 or args.no_progress)
+    for start in range(0, len(files), args.batch_size):
+        batch = []
+        for file in files[start:start + args.batch_size]:
+            try:
+                batch.append((file, load_image(file)))
+            except ImageReadError as e:
+                failed.append(file)
+                bar.write(f"dinodet predict: skipped: {e}", file=sys.stderr)
+        found = detector([image for _, image in batch], threshold=args.threshold,
+                         batch_size=args.batch_size) if batch else []
+        for (file, image), det in zip(batch, found):
+            name = Path(file).stem
+            n = 1
+            while name in used:
+                n += 1
+                name = f"{Path(file).stem}_{n}"
+            used.add(name)
+            save_detections(out / f"{name}.png", image, det.boxes, det.labels, det.scores,
+                            det.class_names)
+            records.append({
+                "file": file, "output": f"{name}.png",
+                "width": det.image_size[1], "height": det.image_size[0],
+                "detections": [{"box": box, "score": score, "label": label, "name": cls}
+                               for box, score, label, cls in zip(
+                                   det.boxes.tolist(), det.scores.tolist(),
+                                   det.labels.tolist(), det.names)],
+            })
+        bar.update(args.batch_size if start + args.batch_size <= len(files)
+                   else len(files) - start)
+    bar.close()
+    (out / "detections.json").write_text(json.dumps(records, indent=1))
+    print(f"{len(records)} image(s) -> {out}" + (f"; {len(failed)} failed" if failed else ""))
+    return 2 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dinodet.config import PRESETS
 
-    parser = argparse.ArgumentParser(prog="dinodet", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="dinodet", description="DINO object detection: convert, train, evaluate, predict.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="original DINO .pth -> safetensors + JSON config")
@@ -189,6 +268,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10, help="detections to print")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("predict", help="detect objects in images, write annotated copies + JSON")
+    p.add_argument("checkpoint",
+                   help="dinodet checkpoint / model directory, or original .pth with --variant")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or globs")
+    p.add_argument("--out", required=True, help="folder for annotated PNGs and detections.json")
+    p.add_argument("--threshold", type=float, default=0.3, help="minimum score to keep")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--variant", choices=sorted(PRESETS), help="for an original DINO .pth")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_predict)
     return parser
 
 

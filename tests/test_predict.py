@@ -1,0 +1,185 @@
+"""The user-facing Detector: every input form, EXIF, COCO/JSON output, bf16, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dinodet
+from dinodet.cli import main
+from dinodet.config import BackboneConfig, DINOConfig
+from dinodet.predict import Detections, Detector, ImageReadError
+
+CLASSES = [{"label": 0, "category_id": 1, "name": "cat"},
+           {"label": 1, "category_id": 3, "name": "dog"},
+           {"label": 2, "category_id": 7, "name": "bird"}]
+H, W = 60, 90  # the test picture, landscape
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    cfg = DINOConfig(num_classes=3, backbone=BackboneConfig(name="resnet18",
+                     frozen_batchnorm=False, freeze_stem=False), hidden_dim=64, num_heads=4,
+                     enc_layers=1, dec_layers=2, dim_feedforward=128, num_queries=20,
+                     dn_number=10, num_select=20)
+    out = tmp_path_factory.mktemp("model")
+    dinodet.save_pretrained(dinodet.build_model(cfg).eval(), out,
+                            extra={"classes": CLASSES, "eval_size": 64})
+    return out
+
+
+@pytest.fixture(scope="module")
+def det(model_dir) -> Detector:
+    return Detector.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def rgb() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+    img[10:40, 20:60] = (250, 30, 30)
+    return img
+
+
+def _check(d: Detections, size: tuple[int, int]) -> None:
+    assert isinstance(d, Detections)
+    assert d.image_size == size
+    assert len(d) > 0  # threshold 0 keeps num_select
+    assert d.boxes.shape == (len(d), 4) and d.labels.dtype == torch.int64
+    h, w = size
+    assert (d.boxes[:, 0::2] >= 0).all() and (d.boxes[:, 0::2] <= w).all()
+    assert (d.boxes[:, 1::2] >= 0).all() and (d.boxes[:, 1::2] <= h).all()
+    assert (d.boxes[:, 2:] >= d.boxes[:, :2]).all()
+
+
+def _same(a: Detections, b: Detections) -> None:
+    assert torch.equal(a.labels, b.labels)
+    torch.testing.assert_close(a.scores, b.scores, atol=1e-4, rtol=0)
+    torch.testing.assert_close(a.boxes, b.boxes, atol=1e-4, rtol=0)
+
+
+def test_same_picture_in_every_form_gives_the_same_detections(det, rgb, tmp_path):
+    path = tmp_path / "pic.png"
+    Image.fromarray(rgb).save(path)
+    forms = [str(path), path, Image.fromarray(rgb), Image.fromarray(rgb).convert("RGBA"), rgb,
+             torch.from_numpy(rgb).permute(2, 0, 1),
+             torch.from_numpy(rgb).permute(2, 0, 1).float() / 255]
+    ref = det(forms[0], threshold=0.0)
+    _check(ref, (H, W))
+    for form in forms[1:]:
+        _same(ref, det(form, threshold=0.0))
+
+
+def test_greyscale_palette_and_16_bit_inputs(det, rgb):
+    grey = np.array(Image.fromarray(rgb).convert("L"))
+    ref = det(grey, threshold=0.0)
+    _check(ref, (H, W))
+    _same(ref, det(Image.fromarray(grey), threshold=0.0))
+    _same(ref, det(torch.from_numpy(grey)[None], threshold=0.0))
+    # 16-bit: the full range maps onto 8 bits (v * 257 -> v), nothing is clipped to white
+    wide = Image.fromarray(grey.astype(np.uint16) * 257)
+    assert wide.mode.startswith("I;16")
+    _same(ref, det(wide, threshold=0.0))
+    _check(det(Image.fromarray(rgb).convert("P"), threshold=0.0), (H, W))
+
+
+def test_list_of_mixed_inputs_batches_and_keeps_order(det, rgb, tmp_path):
+    path = tmp_path / "pic.jpg"
+    Image.fromarray(rgb).save(path)
+    tall = np.ascontiguousarray(rgb.transpose(1, 0, 2))
+    items = [path, Image.fromarray(tall), tall[:, :, 0], torch.from_numpy(rgb).permute(2, 0, 1),
+             Image.fromarray(rgb).convert("P")]
+    out = det(items, threshold=0.0, batch_size=2)
+    assert isinstance(out, list) and len(out) == 5
+    for d, size in zip(out, [(H, W), (W, H), (W, H), (H, W), (H, W)]):
+        _check(d, size)
+    assert det([], threshold=0.0) == []
+    # the threshold filters by score
+    full = det(rgb, threshold=0.0)
+    thr = float(full.scores[2])
+    high = det(rgb, threshold=thr)
+    assert 3 <= len(high) == int((full.scores >= thr).sum()) < len(full)
+    assert (high.scores >= thr).all()
+
+
+def test_exif_rotated_jpeg_is_detected_upright(det, rgb, tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(rgb).save(path, exif=exif)
+    _check(det(path, threshold=0.0), (W, H))
+    with Image.open(path) as im:
+        _check(det(im, threshold=0.0), (W, H))
+
+
+def test_errors_name_the_problem(det, tmp_path):
+    with pytest.raises(TypeError, match="unsupported image type"):
+        det(3.5)
+    with pytest.raises(TypeError, match="unsupported image type"):
+        det([np.zeros((4, 4, 3), np.uint8), {"not": "an image"}])
+    with pytest.raises(ValueError, match="shape"):
+        det(np.zeros((4, 5, 6, 7), np.uint8))
+    with pytest.raises(ValueError, match="shape"):
+        det(torch.zeros(5, 8, 8))
+    with pytest.raises(ImageReadError, match="not found"):
+        det(tmp_path / "nope.png")
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ImageReadError, match=r"bad\.jpg"):
+        det(bad)
+
+
+def test_to_dict_and_to_coco_are_json_with_category_ids(det, rgb):
+    d = det(rgb, threshold=0.0)
+    as_dict = json.loads(json.dumps(d.to_dict()))
+    assert as_dict["image_size"] == [H, W] and len(as_dict["boxes"]) == len(d)
+    assert set(as_dict["names"]) <= {"cat", "dog", "bird"}
+    coco = json.loads(json.dumps(d.to_coco(image_id=42)))
+    ids = {0: 1, 1: 3, 2: 7}
+    assert [r["category_id"] for r in coco] == [ids[int(lb)] for lb in d.labels]
+    x0, y0, x1, y1 = d.boxes[0].tolist()
+    assert coco[0]["image_id"] == 42
+    assert coco[0]["bbox"] == pytest.approx([x0, y0, x1 - x0, y1 - y0])
+    override = d.to_coco(1, label_to_category_id={0: 10, 1: 11, 2: 12})
+    assert {r["category_id"] for r in override} <= {10, 11, 12}
+
+
+def test_bfloat16_runs(model_dir, rgb):
+    d = Detector.from_pretrained(model_dir, dtype=torch.bfloat16)(rgb, threshold=0.0)
+    _check(d, (H, W))
+    assert d.boxes.dtype == torch.float32 and d.scores.dtype == torch.float32
+
+
+def test_cli_folder_with_a_corrupt_file_and_a_glob(model_dir, rgb, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(rgb).save(images / "a.jpg")
+    Image.fromarray(rgb[:, :50]).save(images / "b.png")
+    (images / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    (images / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    rc = main(["predict", str(model_dir), str(images), "--out", str(out),
+               "--threshold", "0", "--batch-size", "2"])
+    assert rc == 2
+    assert "broken.jpg" in capsys.readouterr().err
+    for stem, size in (("a", (W, H)), ("b", (50, H))):
+        with Image.open(out / f"{stem}.png") as im:
+            assert im.size == size
+    records = json.loads((out / "detections.json").read_text())
+    assert [Path(r["file"]).name for r in records] == ["a.jpg", "b.png"]
+    assert records[1]["width"] == 50 and records[1]["height"] == H
+    first = records[0]["detections"][0]
+    assert set(first) == {"box", "score", "label", "name"} and len(first["box"]) == 4
+
+    out2 = tmp_path / "out2"
+    rc = main(["predict", str(model_dir), str(images / "*.png"), "--out", str(out2)])
+    assert rc == 0
+    records = json.loads((out2 / "detections.json").read_text())
+    assert [Path(r["file"]).name for r in records] == ["b.png"]
+    assert (out2 / "b.png").is_file()
