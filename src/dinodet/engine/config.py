@@ -38,6 +38,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from dinodet.config import PRESETS, DINOConfig, get_preset
+from dinodet.data.transforms import TransformConfig
 
 __all__ = [
     "DataConfig",
@@ -51,6 +52,9 @@ AmpMode = Literal["off", "bf16", "fp16"]
 Schedule = Literal["step", "multistep", "cosine"]
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+_RECIPE = TransformConfig()
 
 
 @dataclass
@@ -72,12 +76,13 @@ class DataConfig:
     keep_category_ids: bool = False
     strict: bool = False
     num_workers: int = 2
-    scales: tuple[int, ...] = tuple(range(480, 801, 32))
-    max_size: int = 1333
-    crop_resize_scales: tuple[int, ...] = (400, 500, 600)
-    crop_min: int = 384
-    crop_max: int = 600
-    eval_size: int = 800
+    # The paper's augmentation sizes, defined once in the data package.
+    scales: tuple[int, ...] = _RECIPE.scales
+    max_size: int = _RECIPE.max_size
+    crop_resize_scales: tuple[int, ...] = _RECIPE.crop_resize_scales
+    crop_min: int = _RECIPE.crop_min
+    crop_max: int = _RECIPE.crop_max
+    eval_size: int = _RECIPE.eval_size
 
     def __post_init__(self) -> None:
         _coerce_fields(self, "data.")
