@@ -91,11 +91,15 @@ def _train(args: argparse.Namespace) -> int:
         train_images=args.train_images, val_ann=args.val_ann, val_images=args.val_images,
         keep_category_ids=True if args.keep_category_ids else None,
         strict=True if args.strict else None)
+    from dinodet.engine.distributed import cleanup
+
     try:
         summary = train(cfg, resume=args.resume, init=args.init, progress=not args.no_progress)
     except TrainingStopped as e:
         print(f"dinodet train: stopped: {e}", file=sys.stderr)
         return 3
+    finally:
+        cleanup()
     return 130 if (summary["stopped_by"] or "").startswith("signal") else 0
 
 

@@ -287,6 +287,7 @@ _STEP_SCRIPT = textwrap.dedent("""
     if info.is_main:
         grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
         torch.save({"loss": loss, "grads": grads}, sys.argv[1])
+    dist.barrier()  # both ranks leave the group together (gloo aborts a lone leaver)
     dist.cleanup()
 """)
 

@@ -307,6 +307,7 @@ def train(cfg: TrainConfig, resume: str | None = None, init: str | None = None,
         log({"type": "summary", **summary})
         log.close()
         _print_summary(summary)
+    dist.barrier()  # ranks finish together; a rank leaving alone can abort gloo at exit
     return summary
 
 
