@@ -180,7 +180,7 @@ def load_into(model: DINO, state_dict: Mapping[str, Tensor], where: str = "check
         problems.append(f"mis-shaped: {'; '.join(shapes[:20])}")
     if problems:
         raise CheckpointError(f"{where} does not fit the model: " + " | ".join(problems))
-    model.load_state_dict({k: v for k, v in state_dict.items()}, strict=False)
+    model.load_state_dict(state_dict, strict=False)
 
 
 def from_original(source: str | Path | Mapping[str, Any], variant: str,

@@ -11,13 +11,14 @@ def read_log(run_dir: str | Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a dinodet run directory?")
     records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    lines = path.read_text().splitlines()
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a kill: keep the rest
-            if n != len(path.read_text().splitlines()):
+        except json.JSONDecodeError:  # a last line cut short by a kill: keep the rest
+            if n != len(lines):
                 raise ValueError(f"{path}:{n} is not valid JSON") from None
     return records
 
