@@ -24,15 +24,29 @@ gather reads contiguous rows there as well. :func:`ms_deform_attn_grid_sample` k
 Works for float64, float32, bfloat16 and float16. Half-precision inputs are sampled in
 float32 (sampling locations need more than bf16's 8 mantissa bits to address a pixel of
 a 100-wide map), and the result is cast back.
+
+:class:`MSDeformAttn` can instead run Triton kernels (:mod:`.ms_deform_attn_triton`, the
+custom op ``torch.ops.dinodet.ms_deform_attn``). The backend is chosen at each call:
+``"auto"`` (the default) takes them for CUDA values when triton is installed, ``"triton"``
+takes them on any device (CPU tensors run under Triton's interpreter, for tests),
+``"torch"`` never; float64 always stays on the exact PyTorch path. Set it with
+:func:`set_backend`, the :func:`backend` context manager or the environment variable
+``DINODET_MS_DEFORM_ATTN``. :func:`ms_deform_attn` itself is always the PyTorch path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from dinodet.model import ms_deform_attn_triton
+from dinodet.model.tracing import exporting
 
 # Sampled corners (N·q·M·L·P·4) per chunk of queries. On CPU a chunk's index and weight
 # temporaries (1 MB each) stay in cache and are recycled by the allocator, where at full
@@ -182,6 +196,58 @@ def ms_deform_attn(
     return out.to(value.dtype)
 
 
+BACKENDS = ("auto", "triton", "torch")
+ENV_VAR = "DINODET_MS_DEFORM_ATTN"
+_backend: str | None = None  # set_backend's choice; None defers to ENV_VAR, then "auto"
+
+
+def _checked(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown deformable-attention backend {name!r}; expected one of "
+                         f"{BACKENDS}")
+    if name == "triton" and not ms_deform_attn_triton.AVAILABLE:
+        raise RuntimeError("the 'triton' deformable-attention backend needs triton installed "
+                           "(pip install triton), or choose 'auto' or 'torch'")
+    return name
+
+
+def set_backend(name: str | None) -> None:
+    """Choose the deformable-attention backend of every :class:`MSDeformAttn`: ``"auto"``,
+    ``"triton"`` or ``"torch"``; None goes back to ``DINODET_MS_DEFORM_ATTN`` (or auto)."""
+    global _backend
+    _backend = None if name is None else _checked(name)
+
+
+def get_backend() -> str:
+    """The backend in force: :func:`set_backend`'s, else ``DINODET_MS_DEFORM_ATTN``'s, else
+    ``"auto"``."""
+    if _backend is not None:
+        return _backend
+    return _checked(os.environ.get(ENV_VAR) or "auto")
+
+
+@contextlib.contextmanager
+def backend(name: str | None) -> Iterator[None]:
+    """:func:`set_backend` for the duration of a ``with`` block."""
+    global _backend
+    saved = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _backend = saved
+
+
+def uses_triton(value: Tensor) -> bool:
+    """Whether :class:`MSDeformAttn` runs the Triton op for these values."""
+    if value.dtype not in ms_deform_attn_triton.SUPPORTED_DTYPES:
+        return False  # float64: the kernels compute in float32
+    chosen = get_backend()
+    if chosen == "auto":
+        return value.is_cuda and ms_deform_attn_triton.AVAILABLE
+    return chosen == "triton"
+
+
 # MSDeformAttn fuses the location arithmetic into the chunks when ms_deform_attn is this
 # function, and calls whatever ms_deform_attn is at call time otherwise (a benchmark or a
 # test may swap in another implementation).
@@ -293,7 +359,17 @@ class MSDeformAttn(nn.Module):
             # In place is safe for autograd: linear's backward does not need its output.
             value = value.masked_fill_(padding_mask[..., None], 0.0)
         value = value.view(n, s, self.num_heads, self.dim // self.num_heads)
-        if ms_deform_attn is _BUILTIN:
+        if exporting():
+            # torch.export / ONNX: one traceable graph without data-sized chunk loops or
+            # embedding_bag (which ONNX lacks); grid_sample maps to ONNX GridSample.
+            out = ms_deform_attn_grid_sample(
+                value, spatial_shapes,
+                *self._locations_and_weights(query, reference_points, spatial_shapes))
+        elif ms_deform_attn is _BUILTIN and uses_triton(value):
+            out = ms_deform_attn_triton.ms_deform_attn_triton(
+                value, spatial_shapes,
+                *self._locations_and_weights(query, reference_points, spatial_shapes))
+        elif ms_deform_attn is _BUILTIN:
             out = self._fused(query, reference_points, value, spatial_shapes)
         else:
             out = ms_deform_attn(value, spatial_shapes,
