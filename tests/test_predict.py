@@ -183,3 +183,19 @@ def test_cli_folder_with_a_corrupt_file_and_a_glob(model_dir, rgb, tmp_path, cap
     records = json.loads((out2 / "detections.json").read_text())
     assert [Path(r["file"]).name for r in records] == ["b.png"]
     assert (out2 / "b.png").is_file()
+
+
+def test_very_large_images_are_resized_as_configured(model_dir):
+    det = Detector.from_pretrained(model_dir, max_size=80)  # eval_size 64 from the model
+    assert det.resized_size(3000, 4000) == (60, 80)  # the longer side capped
+    assert Detector.from_pretrained(model_dir).resized_size(3000, 4000) == (64, 85)
+    seen = []
+    det.model.register_forward_pre_hook(lambda m, args: seen.append(args[0][0].shape))
+    big = np.random.default_rng(0).integers(0, 256, (3000, 4000, 3), dtype=np.uint8)
+    found = det(big, threshold=0.0)
+    assert tuple(seen[0]) == (3, 60, 80)
+    assert found.image_size == (3000, 4000) and len(found) > 0
+    assert found.boxes[:, 0::2].max() <= 4000 and found.boxes[:, 1::2].max() <= 3000
+    assert found.boxes[:, 2].max() > 1000  # scaled back to the original pixels
+    with pytest.raises(ValueError, match="max_size 50"):
+        Detector.from_pretrained(model_dir, max_size=50)

@@ -163,7 +163,8 @@ def _predict(args: argparse.Namespace) -> int:
     files, missing = _predict_inputs(args.inputs)
     for item in missing:
         print(f"dinodet predict: no image found at {item}", file=sys.stderr)
-    detector = Detector.from_pretrained(args.checkpoint, variant=args.variant)
+    detector = Detector.from_pretrained(args.checkpoint, variant=args.variant,
+                                        eval_size=args.size, max_size=args.max_size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records, failed, used = [], list(missing), set()
@@ -201,6 +202,46 @@ def _predict(args: argparse.Namespace) -> int:
     (out / "detections.json").write_text(json.dumps(records, indent=1))
     print(f"{len(records)} image(s) -> {out}" + (f"; {len(failed)} failed" if failed else ""))
     return 2 if failed else 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from dinodet.engine.run import load_model
+    from dinodet.export import compare_detections, export_model, run_exported
+    from dinodet.predict import DEFAULT_EVAL_SIZE, default_max_size
+
+    loaded = load_model(args.checkpoint, args.variant)
+    eval_size = int(loaded.eval_size or DEFAULT_EVAL_SIZE)
+    if args.size:
+        height, width = args.size
+    else:  # the model's usual input: a 4:3 image resized to its evaluation size
+        height, width = eval_size, -(-eval_size * 4 // 3 // 32) * 32
+    suffix = ".onnx" if args.format == "onnx" else ".pt2"
+    out = args.out or str(args.checkpoint).rstrip("/").rsplit(".", 1)[0] + suffix
+    start = time.perf_counter()
+    path = export_model(loaded.model, out, args.format, example_size=(height, width),
+                        dynamic=not args.static, opset=args.opset, classes=loaded.classes,
+                        eval_size=eval_size, max_size=default_max_size(eval_size),
+                        variant=args.variant)
+    size_mb = path.stat().st_size / 1e6
+    print(f"wrote {path} ({args.format}, {size_mb:.1f} MB, "
+          f"{time.perf_counter() - start:.0f} s)")
+    if args.verify:
+        from dinodet.export import ExportGraph
+
+        # another size than the traced one (when dynamic), batch of 2
+        h, w = (height, width) if args.static else (height - 32, width + 32)
+        images = torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            expected = ExportGraph(loaded.model)(images)
+        diff = compare_detections(expected, run_exported(path, images), min_score=0.05)
+        ok = diff["score"] <= 1e-3 and diff["box"] <= 0.5
+        print(f"verify on 2x3x{h}x{w}: max score difference {diff['score']:.2e}, max box "
+              f"difference {diff['box']:.3f} px: {'ok' if ok else 'MISMATCH'}")
+        if not ok:
+            return 1
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -281,8 +322,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.3, help="minimum score to keep")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--variant", choices=sorted(PRESETS), help="for an original DINO .pth")
+    p.add_argument("--size", type=int, default=None,
+                   help="resize the shorter side to this (default: the checkpoint's "
+                        "evaluation size, else 800)")
+    p.add_argument("--max-size", type=int, default=None,
+                   help="cap on the longer side after resizing (default: 1333/800 of --size)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("export", help="export a model to ONNX or a torch.export program")
+    p.add_argument("checkpoint",
+                   help="dinodet checkpoint / model directory, or original .pth with --variant")
+    p.add_argument("--format", default="onnx", choices=["onnx", "torch-export"])
+    p.add_argument("--out", help="file to write (default: next to the checkpoint, "
+                                 ".onnx or .pt2)")
+    p.add_argument("--variant", choices=sorted(PRESETS), help="for an original DINO .pth")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+                   help="example input traced (default: the evaluation size, 4:3)")
+    p.add_argument("--static", action="store_true",
+                   help="fix batch 2 and the example size instead of dynamic axes")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17)")
+    p.add_argument("--verify", action="store_true",
+                   help="run the file (onnxruntime / torch.export.load) and compare it with "
+                        "PyTorch on random images")
+    p.set_defaults(func=_export)
     return parser
 
 

@@ -23,6 +23,12 @@ __all__ = ["IMAGE_EXTENSIONS", "Detections", "Detector", "ImageReadError", "load
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 DEFAULT_EVAL_SIZE = 800
 
+
+def default_max_size(eval_size: int) -> int:
+    """The longer-side cap that goes with a shorter side: COCO's 1333 for 800, in scale."""
+    return round(1333 / 800 * eval_size)
+
+
 ImageInput = str | Path | Image.Image | np.ndarray | Tensor
 
 
@@ -179,14 +185,19 @@ class Detector:
 
     def __init__(self, model: torch.nn.Module, classes: list[dict[str, Any]] | None = None,
                  eval_size: int | None = None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, max_size: int | None = None) -> None:
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
         self.device = torch.device(device)
         self.dtype = dtype
         self.model = model.eval().to(self.device)
+        # Every image is resized to this shorter side, its longer side capped at max_size
+        # (images far larger than the model's training size are scaled down, not tiled).
         self.eval_size = int(eval_size or DEFAULT_EVAL_SIZE)
-        self.max_size = round(1333 / 800 * self.eval_size)
+        self.max_size = int(max_size or default_max_size(self.eval_size))
+        if self.eval_size < 32 or self.max_size < self.eval_size:
+            raise ValueError(f"eval_size {self.eval_size} / max_size {self.max_size}: need "
+                             "eval_size >= 32 and max_size >= eval_size")
         self.num_select = int(getattr(getattr(model, "cfg", None), "num_select", 300))
         num_classes = int(getattr(getattr(model, "cfg", None), "num_classes", 0))
         self.class_names = [str(i) for i in range(num_classes)]
@@ -208,19 +219,32 @@ class Detector:
     @classmethod
     def from_pretrained(cls, path: str | Path, variant: str | None = None,
                         device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32) -> Detector:
+                        dtype: torch.dtype = torch.float32, eval_size: int | None = None,
+                        max_size: int | None = None) -> Detector:
         """A training checkpoint (.pt), a model directory, or an original DINO .pth with
-        ``variant``; see :func:`dinodet.engine.run.load_model`."""
+        ``variant``; see :func:`dinodet.engine.run.load_model`. ``eval_size`` (shorter
+        side) defaults to the one the checkpoint was evaluated at, else 800; ``max_size``
+        (longer side) to 1333/800 of it."""
         from dinodet.engine.run import load_model
 
         loaded = load_model(path, variant)
-        return cls(loaded.model, loaded.classes, loaded.eval_size, device, dtype)
+        return cls(loaded.model, loaded.classes, eval_size or loaded.eval_size, device, dtype,
+                   max_size=max_size)
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) an image is resized to: the shorter side to ``eval_size``, unless the
+        longer would exceed ``max_size``, which then caps it (torchvision's rounding)."""
+        short, long = min(height, width), max(height, width)
+        new_short, new_long = self.eval_size, int(self.eval_size * long / short)
+        if new_long > self.max_size:
+            new_short, new_long = int(self.max_size * new_short / new_long), self.max_size
+        return (new_long, new_short) if width <= height else (new_short, new_long)
 
     def preprocess(self, image: Tensor) -> Tensor:
         """RGB uint8 [3, H, W] -> resized, normalised float [3, h, w]."""
         from torchvision.transforms.v2 import functional as F
 
-        resized = F.resize(image, [self.eval_size], max_size=self.max_size, antialias=True)
+        resized = F.resize(image, list(self.resized_size(*image.shape[-2:])), antialias=True)
         return (resized.float() / 255 - self._mean) / self._std
 
     def __call__(self, images: ImageInput | Sequence[ImageInput], threshold: float = 0.3,

@@ -29,6 +29,12 @@ class ImageBatch:
             mask[i, : im.shape[1], : im.shape[2]] = False
         return cls(tensors, mask)
 
+    @classmethod
+    def unpadded(cls, tensors: Tensor) -> ImageBatch:
+        """A [B, 3, H, W] batch of same-sized images: no copy, an all-False mask."""
+        b, _, h, w = tensors.shape
+        return cls(tensors, torch.zeros(b, h, w, dtype=torch.bool, device=tensors.device))
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> ImageBatch:
         return ImageBatch(self.tensors.to(device, non_blocking=non_blocking),
                           self.mask.to(device, non_blocking=non_blocking))

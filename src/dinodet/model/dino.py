@@ -21,31 +21,38 @@ from dinodet.structures import ImageBatch
 Targets = list[dict[str, Tensor]]
 
 
-def check_images(images: Any) -> list[Tensor]:
-    """Validate the model input: a list of [3, H, W] floating-point tensors."""
+def _check_image(im: Any, name: str) -> None:
+    """Validate one [3, H, W] image, or a [B, 3, H, W] batch when ``name`` is "images"."""
+    rank = 4 if name == "images" else 3
+    if not isinstance(im, Tensor):
+        raise TypeError(f"{name} is a {type(im).__name__}, expected a torch.Tensor")
+    if im.dim() != rank:
+        raise ValueError(f"{name} has rank {im.dim()} (shape {tuple(im.shape)}); expected "
+                         + ("[B, 3, H, W]" if rank == 4 else "[3, H, W]"))
+    if im.shape[-3] != 3:
+        raise ValueError(f"{name} has {im.shape[-3]} channels (shape {tuple(im.shape)}); "
+                         "expected 3 (RGB, ImageNet-normalised)")
+    if not im.is_floating_point():
+        raise TypeError(f"{name} has dtype {im.dtype}; expected a floating-point "
+                        "ImageNet-normalised tensor (convert uint8 with dinodet's transforms)")
+    if im.shape[-2] < 1 or im.shape[-1] < 1:
+        raise ValueError(f"{name} is empty: shape {tuple(im.shape)}")
+
+
+def check_images(images: Any) -> list[Tensor] | Tensor:
+    """Validate the model input: a list of [3, H, W] floating-point tensors (returned as a
+    list) or a [B, 3, H, W] batch (returned as is, never split: tracing keeps B symbolic)."""
     if isinstance(images, Tensor):
-        if images.dim() == 4:
-            images = list(images.unbind(0))
-        else:
+        if images.dim() != 4:
             raise ValueError(
                 f"images must be a list of [3, H, W] tensors or a [B, 3, H, W] batch; "
                 f"got a tensor of shape {tuple(images.shape)}")
+        _check_image(images, "images")
+        return images
     if not isinstance(images, (list, tuple)) or not images:
         raise ValueError(f"images must be a non-empty list of [3, H, W] tensors, got {images!r}")
     for i, im in enumerate(images):
-        if not isinstance(im, Tensor):
-            raise TypeError(f"images[{i}] is a {type(im).__name__}, expected a torch.Tensor")
-        if im.dim() != 3:
-            raise ValueError(f"images[{i}] has rank {im.dim()} (shape {tuple(im.shape)}); "
-                             "expected [3, H, W]")
-        if im.shape[0] != 3:
-            raise ValueError(f"images[{i}] has {im.shape[0]} channels (shape "
-                             f"{tuple(im.shape)}); expected 3 (RGB, ImageNet-normalised)")
-        if not im.is_floating_point():
-            raise TypeError(f"images[{i}] has dtype {im.dtype}; expected a floating-point "
-                            "ImageNet-normalised tensor (convert uint8 with dinodet's transforms)")
-        if im.shape[1] < 1 or im.shape[2] < 1:
-            raise ValueError(f"images[{i}] is empty: shape {tuple(im.shape)}")
+        _check_image(im, f"images[{i}]")
     return list(images)
 
 
@@ -129,7 +136,9 @@ class DINO(nn.Module):
         if isinstance(images, ImageBatch):
             check_images(images.tensors)
         else:
-            images = ImageBatch.from_images(check_images(images))
+            checked = check_images(images)
+            images = (ImageBatch.unpadded(checked) if isinstance(checked, Tensor)
+                      else ImageBatch.from_images(checked))
         batch, mask = images.tensors, images.mask
         if not torch.is_autocast_enabled(batch.device.type):
             batch = batch.to(self.level_embed.dtype)

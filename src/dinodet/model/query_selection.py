@@ -47,9 +47,8 @@ def encoder_proposals(memory: Tensor, padding_mask: Tensor, spatial_shapes: list
         mask = padding_mask[:, start:start + h * w].view(b, h, w)
         valid_h = (~mask[:, :, 0]).sum(1)
         valid_w = (~mask[:, 0, :]).sum(1)
-        ys, xs = torch.meshgrid(torch.linspace(0, h - 1, h, dtype=dtype, device=device),
-                                torch.linspace(0, w - 1, w, dtype=dtype, device=device),
-                                indexing="ij")
+        ys, xs = torch.meshgrid(torch.arange(h, dtype=dtype, device=device),
+                                torch.arange(w, dtype=dtype, device=device), indexing="ij")
         grid = torch.stack([xs, ys], -1)  # [H, W, 2]
         scale = torch.stack([valid_w, valid_h], -1).view(b, 1, 1, 2).to(dtype)
         grid = (grid[None].expand(b, -1, -1, -1) + 0.5) / scale

@@ -9,6 +9,7 @@ from dinodet.model.boxes import inverse_sigmoid
 from dinodet.model.heads import MLP
 from dinodet.model.ms_deform_attn import MSDeformAttn
 from dinodet.model.position import sine_box_embedding
+from dinodet.model.tracing import exporting
 
 
 class FFN(nn.Module):
@@ -40,7 +41,7 @@ class FFN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = max(1, self.CPU_CHUNK_ELEMENTS // self.linear1.out_features)
-        if x.device.type != "cpu" or x.dim() < 2 or x.shape[-2] <= rows:
+        if x.device.type != "cpu" or x.dim() < 2 or exporting() or x.shape[-2] <= rows:
             return self._block(x)
         return torch.cat([self._block(part) for part in x.split(rows, dim=-2)], dim=-2)
 
@@ -80,9 +81,11 @@ class Encoder(nn.Module):
         refs = []
         dtype, device = valid_ratios.dtype, valid_ratios.device
         for lvl, (h, w) in enumerate(spatial_shapes):
+            # arange (exact for these half-integers) keeps h and w symbolic when exported,
+            # where linspace would fix them.
             ys, xs = torch.meshgrid(
-                torch.linspace(0.5, h - 0.5, h, dtype=dtype, device=device),
-                torch.linspace(0.5, w - 0.5, w, dtype=dtype, device=device),
+                torch.arange(h, dtype=dtype, device=device) + 0.5,
+                torch.arange(w, dtype=dtype, device=device) + 0.5,
                 indexing="ij",
             )
             ys = ys.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)

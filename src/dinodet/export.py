@@ -1,0 +1,250 @@
+"""Export a detector for deployment: ONNX (onnxruntime, TensorRT, ...) or ``torch.export``.
+
+Both formats hold the same graph, :class:`ExportGraph`:
+
+- input ``images``: float32 [B, 3, H, W], RGB in [0, 1], already resized (the model was
+  trained with the shorter side at ``eval_size``, the longer at most ``max_size``; both
+  are in the file's metadata). B, H and W are dynamic unless ``dynamic=False``.
+- outputs ``boxes`` [B, K, 4] (x0, y0, x1, y1 in pixels of the input, clipped to it),
+  ``scores`` [B, K] (sorted, descending) and ``labels`` [B, K] (int64 class indices),
+  with K = the model's ``num_select`` best (query, class) pairs; no threshold is applied.
+
+The ImageNet normalisation and DINO's top-k post-processing are inside the graph; the
+resize is not (every runtime has its own). The deformable attention is traced through its
+``grid_sample`` form (ONNX GridSample, opset 16+), never a custom kernel, and denoising
+is off. Images of one batch share a size (no padding mask), as a runtime batch does.
+
+The class table, ``eval_size`` and ``max_size`` travel in the file: ONNX ``metadata_props``
+(key ``dinodet``, JSON) and, for ``torch.export``, the archive's extra file
+``dinodet.json``; :func:`read_metadata` reads either.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["EXPORT_FORMATS", "ExportGraph", "ExportedModel", "compare_detections",
+           "export_model", "read_metadata", "run_exported"]
+
+EXPORT_FORMATS = ("onnx", "torch-export")
+METADATA_KEY = "dinodet"
+DEFAULT_OPSET = 18
+INPUT_NAMES = ["images"]
+OUTPUT_NAMES = ["boxes", "scores", "labels"]
+
+
+class ExportGraph(nn.Module):
+    """RGB [0, 1] images -> (boxes, scores, labels); see the module docstring."""
+
+    def __init__(self, model: nn.Module, num_select: int | None = None) -> None:
+        super().__init__()
+        from dinodet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+        self.model = model.eval()
+        cfg = getattr(model, "cfg", None)
+        self.num_select = int(num_select or getattr(cfg, "num_select", 300))
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1),
+                             persistent=False)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        h, w = images.shape[-2:]
+        out = self.model((images - self.mean) / self.std)
+        logits, boxes = out["pred_logits"], out["pred_boxes"]
+        b, q, c = logits.shape
+        scores, index = torch.topk(logits.sigmoid().reshape(b, q * c),
+                                   min(self.num_select, q * c), dim=1)
+        labels = index % c
+        query = torch.div(index, c, rounding_mode="floor")
+        boxes = torch.gather(boxes, 1, query[..., None].expand(-1, -1, 4))
+        # cxcywh in [0, 1] -> xyxy pixels. The size multiplies a tensor as symbols, so the
+        # traced graph reads it from the input instead of fixing the example's.
+        one = images.new_ones(())
+        size = torch.stack([one * w, one * h])
+        centre, half = boxes[..., :2] * size, boxes[..., 2:] * size / 2
+        xyxy = torch.cat([centre - half, centre + half], -1)
+        xyxy = torch.minimum(xyxy.clamp(min=0), torch.cat([size, size]))
+        return xyxy, scores, labels
+
+
+def _metadata(classes: list[dict[str, Any]] | None, eval_size: int | None,
+              max_size: int | None, num_classes: int, variant: str | None) -> dict[str, Any]:
+    return {"format_version": 1, "input": "float32 [B, 3, H, W] RGB in [0, 1]",
+            "outputs": OUTPUT_NAMES, "classes": classes, "num_classes": num_classes,
+            "eval_size": eval_size, "max_size": max_size, "variant": variant}
+
+
+def export_model(model: nn.Module, out: str | Path, fmt: str = "onnx", *,
+                 example_size: tuple[int, int] = (800, 1088), batch_size: int = 1,
+                 dynamic: bool = True, opset: int = DEFAULT_OPSET,
+                 classes: list[dict[str, Any]] | None = None, eval_size: int | None = None,
+                 max_size: int | None = None, num_select: int | None = None,
+                 variant: str | None = None) -> Path:
+    """Trace ``model`` (a :class:`~dinodet.model.DINO`) and write it to ``out``.
+
+    Args:
+        fmt: "onnx" (an ``.onnx`` file, opset >= 17) or "torch-export" (a ``.pt2`` archive
+            for ``torch.export.load``).
+        example_size: (H, W) of the example traced; with ``dynamic`` any other size runs
+            too, as long as the image yields at least ``num_queries`` encoder tokens.
+        batch_size: the example's batch (at least 2 with ``dynamic``, which keeps B free).
+        classes / eval_size / max_size: stored as metadata (see :func:`read_metadata`).
+    Returns:
+        The path written.
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of "
+                         f"{', '.join(EXPORT_FORMATS)}")
+    if fmt == "onnx" and opset < 17:
+        raise ValueError(f"opset {opset} is too old: the graph needs opset >= 17")
+    height, width = example_size
+    if min(height, width) < 64 or batch_size < 1:
+        raise ValueError(f"example batch {batch_size} of {height}x{width} is too small "
+                         "(at least 1 image of 64x64)")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    graph = ExportGraph(model, num_select).eval()
+    param = next(model.parameters())
+    if dynamic:  # a size-1 example would fix B to 1 (tracing specialises sizes 0 and 1)
+        batch_size = max(batch_size, 2)
+    example = torch.rand(batch_size, 3, height, width, dtype=param.dtype, device=param.device)
+    dims = None
+    if dynamic:
+        any_size = torch.export.Dim.DYNAMIC
+        dims = {"images": {0: any_size, 2: any_size, 3: any_size}}
+    cfg = getattr(model, "cfg", None)
+    meta = _metadata(classes, eval_size, max_size, int(getattr(cfg, "num_classes", 0)),
+                     variant)
+    with torch.no_grad():
+        if fmt == "torch-export":
+            program = torch.export.export(graph, (example,), dynamic_shapes=dims)
+            tmp = out.with_name(out.name + ".tmp")
+            with warnings.catch_warnings():  # weights shared by the layers' heads
+                warnings.filterwarnings("ignore", "No complete tensor found")
+                torch.export.save(program, tmp,
+                                  extra_files={f"{METADATA_KEY}.json": json.dumps(meta)})
+            tmp.replace(out)
+        else:
+            _export_onnx(graph, example, dims, opset, out, meta)
+    return out
+
+
+def _export_onnx(graph: ExportGraph, example: Tensor, dims: dict | None, opset: int,
+                 out: Path, meta: dict[str, Any]) -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"ONNX export needs the onnx and onnxscript packages ({e.name} is "
+                          "missing): pip install 'dinodet[export]'") from e
+    program = torch.onnx.export(graph, (example,), input_names=INPUT_NAMES,
+                                output_names=OUTPUT_NAMES, dynamic_shapes=dims,
+                                opset_version=opset, dynamo=True, verbose=False)
+    if program is None:  # pragma: no cover - the TorchScript exporter returns nothing
+        raise RuntimeError("torch.onnx.export returned no program")
+    program.model.metadata_props[METADATA_KEY] = json.dumps(meta)
+    tmp = out.with_name(out.name + ".tmp")
+    program.save(tmp)
+    tmp.replace(out)
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata :func:`export_model` stored in an ``.onnx`` file or ``.pt2`` archive
+    (read without loading the model)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"exported model not found: {path}")
+    if path.suffix == ".onnx":
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+        for prop in model.metadata_props:
+            if prop.key == METADATA_KEY:
+                return json.loads(prop.value)
+        raise ValueError(f"{path} has no {METADATA_KEY!r} metadata: not exported by dinodet")
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist()
+                     if n.endswith(f"/extra/{METADATA_KEY}.json")]
+            if not names:
+                raise ValueError(f"{path} has no {METADATA_KEY}.json: not exported by dinodet")
+            return json.loads(archive.read(names[0]))
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"{path} is neither an .onnx file nor a torch.export archive") from e
+
+
+class ExportedModel:
+    """An exported file ready to run: onnxruntime for ``.onnx`` (``providers`` default to
+    the CPU), ``torch.export.load`` for a ``.pt2`` archive. Calling it with [B, 3, H, W]
+    RGB [0, 1] float32 images returns (boxes, scores, labels) tensors; ``metadata`` is
+    :func:`read_metadata`'s."""
+
+    def __init__(self, path: str | Path, providers: list[str] | None = None) -> None:
+        self.path = Path(path)
+        self.metadata = read_metadata(self.path)
+        self.format = "onnx" if self.path.suffix == ".onnx" else "torch-export"
+        if self.format == "onnx":
+            try:
+                import onnxruntime as ort
+            except ImportError as e:
+                raise ImportError("running an ONNX file needs onnxruntime: "
+                                  "pip install 'dinodet[export]'") from e
+            self._session = ort.InferenceSession(
+                str(self.path), providers=providers or ["CPUExecutionProvider"])
+        else:
+            self._module = torch.export.load(self.path).module()
+
+    def __call__(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.format == "onnx":
+            outs = self._session.run(OUTPUT_NAMES,
+                                     {INPUT_NAMES[0]: images.float().cpu().numpy()})
+            boxes, scores, labels = (torch.from_numpy(o) for o in outs)
+            return boxes, scores, labels
+        with torch.no_grad():
+            return self._module(images)
+
+
+def run_exported(path: str | Path, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Load an exported file and run it once; see :class:`ExportedModel`."""
+    return ExportedModel(path)(images)
+
+
+def compare_detections(expected: tuple[Tensor, Tensor, Tensor],
+                       actual: tuple[Tensor, Tensor, Tensor], min_score: float = 0.0
+                       ) -> dict[str, float]:
+    """Largest score and box differences between two (boxes, scores, labels) results over
+    the detections scoring at least ``min_score`` in ``expected``.
+
+    Detections are paired by label and nearest score, so two near-equal scores that the
+    runtimes order differently still pair up; an unpaired detection counts as infinite.
+    """
+    worst = {"score": 0.0, "box": 0.0}
+    for e_boxes, e_scores, e_labels, a_boxes, a_scores, a_labels in zip(*expected, *actual):
+        free = torch.ones(len(a_scores), dtype=torch.bool)
+        for box, score, label in zip(e_boxes, e_scores, e_labels):
+            if score < min_score:
+                continue
+            cost = (a_scores - score).abs().double()
+            cost[(a_labels != label) | ~free] = float("inf")
+            if not torch.isfinite(cost.min()):
+                return {"score": float("inf"), "box": float("inf")}
+            # among equally close scores, the closest box
+            close = cost <= cost.min() + 1e-6
+            box_err = (a_boxes - box).abs().amax(1).double()
+            box_err[~close] = float("inf")
+            j = int(box_err.argmin())
+            if not torch.isfinite(box_err[j]):
+                return {"score": float("inf"), "box": float("inf")}
+            free[j] = False
+            worst["score"] = max(worst["score"], float(cost[j]))
+            worst["box"] = max(worst["box"], float(box_err[j]))
+    return worst

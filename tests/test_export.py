@@ -1,0 +1,172 @@
+"""Export: ONNX through onnxruntime and torch.export programs agree with PyTorch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+import dinodet
+from dinodet.cli import main
+from dinodet.config import BackboneConfig, DINOConfig
+from dinodet.export import (
+    ExportedModel,
+    ExportGraph,
+    compare_detections,
+    export_model,
+    read_metadata,
+    run_exported,
+)
+
+CLASSES = [{"label": 0, "category_id": 1, "name": "cat"},
+           {"label": 1, "category_id": 3, "name": "dog"},
+           {"label": 2, "category_id": 7, "name": "bird"}]
+THRESHOLD = 0.3
+
+
+def _model() -> dinodet.DINO:
+    torch.manual_seed(0)
+    cfg = DINOConfig(num_classes=3, backbone=BackboneConfig(name="resnet18",
+                     frozen_batchnorm=False, freeze_stem=False), hidden_dim=64, num_heads=4,
+                     enc_layers=1, dec_layers=2, dim_feedforward=128, num_queries=20,
+                     dn_number=10, num_select=20)
+    model = dinodet.build_model(cfg).eval()
+    with torch.no_grad():  # scores around 0.5, so that a threshold of 0.3 keeps many
+        model.class_head.bias.zero_()
+    return model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("model")
+    dinodet.save_pretrained(_model(), out, extra={"classes": CLASSES, "eval_size": 96})
+    return out
+
+
+@pytest.fixture(scope="module")
+def onnx_file(model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    assert main(["export", str(model_dir), "--format", "onnx", "--out", str(out),
+                 "--verify"]) == 0
+    return out
+
+
+def reference(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """PyTorch's own path: the model on a list of normalised images, then postprocess."""
+    from dinodet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    with torch.no_grad():
+        out = model([(im - mean) / std for im in images])
+    sizes = [tuple(images.shape[-2:])] * len(images)
+    found = dinodet.postprocess(out, sizes, model.cfg.num_select)
+    h, w = images.shape[-2:]
+    boxes = torch.stack([f["boxes"] for f in found])
+    boxes[..., 0::2] = boxes[..., 0::2].clamp(0, w)
+    boxes[..., 1::2] = boxes[..., 1::2].clamp(0, h)
+    return boxes, torch.stack([f["scores"] for f in found]), torch.stack(
+        [f["labels"] for f in found])
+
+
+def _images(b: int, h: int, w: int, seed: int = 1) -> torch.Tensor:
+    return torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def test_onnx_file_is_valid_opset_17_plus_with_dynamic_axes_and_metadata(onnx_file):
+    proto = onnx.load(str(onnx_file))
+    onnx.checker.check_model(proto)
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    assert "GridSample" in {n.op_type for n in proto.graph.node}
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param != "" for d in dims] == [True, False, True, True]  # B, 3, H, W
+    assert [o.name for o in proto.graph.output] == ["boxes", "scores", "labels"]
+    meta = read_metadata(onnx_file)
+    assert meta["classes"] == CLASSES and meta["eval_size"] == 96 and meta["num_classes"] == 3
+
+
+@pytest.mark.parametrize("shape", [(1, 96, 128), (3, 120, 90)])
+def test_onnxruntime_agrees_with_pytorch(model_dir, onnx_file, shape):
+    model = dinodet.load_pretrained(model_dir).eval()
+    images = _images(*shape)
+    expected = reference(model, images)
+    boxes, scores, labels = run_exported(onnx_file, images)
+    assert boxes.shape == (shape[0], 20, 4) and labels.dtype == torch.int64
+    kept = (expected[1] >= THRESHOLD).sum()
+    assert kept > 10  # the comparison is about real detections
+    diff = compare_detections(expected, (boxes, scores, labels), min_score=THRESHOLD)
+    assert diff["score"] <= 1e-3 and diff["box"] <= 0.5, diff
+    # and the whole top-k, elementwise, where the order is not in doubt
+    assert torch.allclose(scores, expected[1], atol=1e-3)
+
+
+def test_torch_export_program_agrees_and_keeps_dynamic_sizes(model_dir, tmp_path):
+    out = tmp_path / "model.pt2"
+    assert main(["export", str(model_dir), "--format", "torch-export", "--out", str(out),
+                 "--size", "96", "112"]) == 0
+    assert read_metadata(out)["classes"] == CLASSES
+    model = dinodet.load_pretrained(model_dir).eval()
+    program = ExportedModel(out)
+    assert program.metadata["eval_size"] == 96
+    for shape in [(2, 96, 112), (1, 80, 144)]:  # the traced size, and another batch / size
+        images = _images(*shape, seed=shape[2])
+        diff = compare_detections(reference(model, images), program(images),
+                                  min_score=THRESHOLD)
+        assert diff["score"] <= 1e-3 and diff["box"] <= 0.5, (shape, diff)
+
+
+def test_static_export_fixes_the_input_shape(tmp_path):
+    out = export_model(_model(), tmp_path / "static.onnx", example_size=(96, 96),
+                       dynamic=False)
+    dims = onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [1, 3, 96, 96]
+
+
+def test_export_errors_name_the_problem(tmp_path, model_dir, capsys):
+    model = _model()
+    with pytest.raises(ValueError, match="'tflite'"):
+        export_model(model, tmp_path / "m", "tflite")
+    with pytest.raises(ValueError, match="opset 16"):
+        export_model(model, tmp_path / "m.onnx", opset=16)
+    with pytest.raises(ValueError, match="32x32"):
+        export_model(model, tmp_path / "m.onnx", example_size=(32, 32))
+    with pytest.raises(FileNotFoundError, match=r"nothing\.onnx"):
+        read_metadata(tmp_path / "nothing.onnx")
+    foreign = tmp_path / "foreign.onnx"
+    onnx.save(onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [])), str(foreign))
+    with pytest.raises(ValueError, match="not exported by dinodet"):
+        read_metadata(foreign)
+    with pytest.raises(ValueError, match=r"torch\.export archive"):
+        read_metadata(foreign.rename(tmp_path / "foreign.pt2"))
+    assert main(["export", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x")]) == 2
+    assert "missing.pt" in capsys.readouterr().err
+
+
+def test_compare_detections_pairs_by_label_and_score():
+    boxes = torch.tensor([[[0.0, 0, 10, 10], [5, 5, 20, 20], [1, 1, 2, 2]]])
+    scores = torch.tensor([[0.9, 0.5, 0.1]])
+    labels = torch.tensor([[0, 1, 2]])
+    # the same detections, two of them swapped and slightly moved
+    other = (boxes[:, [1, 0, 2]] + 0.2, scores[:, [1, 0, 2]] + 1e-4, labels[:, [1, 0, 2]])
+    diff = compare_detections((boxes, scores, labels), other, min_score=0.3)
+    assert diff["score"] == pytest.approx(1e-4, rel=1e-3)
+    assert diff["box"] == pytest.approx(0.2, rel=1e-5)
+    wrong = (other[0], other[1], torch.tensor([[1, 1, 2]]))  # label 0 is gone
+    assert compare_detections((boxes, scores, labels), wrong)["box"] == float("inf")
+
+
+def test_export_graph_matches_the_detector_on_one_image(model_dir):
+    """The graph's own normalisation and post-processing are the Detector's."""
+    det = dinodet.Detector.from_pretrained(model_dir, eval_size=96, max_size=96)
+    image = (_images(1, 96, 96)[0] * 255).round() / 255  # representable as uint8
+    found = det(image, threshold=THRESHOLD)
+    with torch.no_grad():
+        boxes, scores, labels = ExportGraph(det.model)(image[None])
+    keep = scores[0] >= THRESHOLD
+    assert len(found) == int(keep.sum())
+    torch.testing.assert_close(found.scores, scores[0, keep], atol=1e-5, rtol=0)
+    torch.testing.assert_close(found.boxes, boxes[0, keep], atol=1e-3, rtol=0)
+    assert json.loads(json.dumps(found.to_dict()))["labels"] == labels[0, keep].tolist()
