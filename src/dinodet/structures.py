@@ -7,6 +7,25 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+__all__ = ["ImageBatch", "to_device"]
+
+
+def to_device(tensor: Tensor, device: torch.device | str) -> Tensor:
+    """``tensor`` on ``device``, without making the host wait for the GPU where avoidable.
+
+    A plain ``.to("cuda")`` of a CPU tensor copies from pageable memory and synchronises
+    the stream first: the host waits until every kernel already queued has run, and the
+    GPU then idles while the host queues the next ones. A CPU tensor bound for a CUDA
+    device is therefore staged in pinned memory and copied with ``non_blocking=True``.
+    The staging buffer comes from PyTorch's caching host allocator, which does not reuse
+    it before the copy has run, so ``tensor`` may be changed or freed straight away.
+    Anything else is a plain ``.to``.
+    """
+    device = torch.device(device)
+    if tensor.device.type == "cpu" and device.type == "cuda" and tensor.numel() > 0:
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
 
 @dataclass
 class ImageBatch:
@@ -44,7 +63,8 @@ class ImageBatch:
 
     @property
     def image_sizes(self) -> list[tuple[int, int]]:
-        """(h, w) of every image without its padding."""
+        """(h, w) of every image without its padding (Python ints: a device sync when the
+        mask is on a GPU; the model's forward never asks for them)."""
         valid = ~self.mask
         hs = valid[:, :, 0].sum(1).tolist()
         ws = valid[:, 0, :].sum(1).tolist()

@@ -226,3 +226,101 @@ def test_rejects_mismatched_inputs() -> None:
         build_criterion(4)(outputs, _random_targets([1], 4, seed=0))
     with pytest.raises(ValueError):
         build_criterion(5)(outputs, _random_targets([1, 1], 4, seed=0))
+
+
+def _tiny_model() -> torch.nn.Module:
+    from dinodet.config import BackboneConfig, DINOConfig
+    from dinodet.model.dino import DINO
+
+    torch.manual_seed(0)
+    cfg = DINOConfig(
+        num_classes=5, backbone=BackboneConfig(name="resnet18", frozen_batchnorm=False,
+                                               freeze_stem=False),
+        hidden_dim=64, num_heads=4, enc_layers=1, dec_layers=2, dim_feedforward=128,
+        num_queries=20, dn_number=10, num_select=20)
+    return DINO(cfg).train()
+
+
+def test_losses_are_float32_under_bf16_autocast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bf16 autocast training forward, and the criterion called inside autocast too:
+    every loss is float32, computed with autocast off, and equal to the losses of the
+    same outputs cast to float32 by hand outside autocast."""
+    model = _tiny_model()
+    targets = [{k: v.float() if v.is_floating_point() else v for k, v in t.items()}
+               for t in _random_targets([3, 1], 5, seed=4)]
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randn(3, 64, 96, generator=g), torch.randn(3, 48, 80, generator=g)]
+    focal_calls: list[tuple[bool, torch.dtype]] = []
+    focal = criterion_module.sigmoid_focal_loss
+
+    def spy(inputs: torch.Tensor, targets: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        focal_calls.append((torch.is_autocast_enabled("cpu"), inputs.dtype))
+        return focal(inputs, targets, **kwargs)
+
+    monkeypatch.setattr(criterion_module, "sigmoid_focal_loss", spy)
+    criterion = build_criterion(5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = model(images, targets)
+        assert outputs["pred_logits"].dtype == torch.bfloat16  # autocast is in force
+        losses = criterion(outputs, targets)
+    assert "loss_ce_dn" in losses and "loss_giou_interm" in losses
+    for name, value in losses.items():
+        assert value.dtype == torch.float32, name
+        assert torch.isfinite(value), name
+    assert focal_calls and all(call == (False, torch.float32) for call in focal_calls)
+
+    def upcast(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return x.detach().float() if x.dtype == torch.bfloat16 else x
+        if isinstance(x, dict):
+            return {k: upcast(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [upcast(v) for v in x]
+        return x
+
+    ref = criterion(upcast(outputs), targets)
+    for name, value in losses.items():
+        assert value.item() == pytest.approx(ref[name].item(), rel=1e-6, abs=1e-7), name
+    losses["loss"].backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(grad).all() for grad in grads)
+
+
+def test_criterion_does_not_call_cdist(monkeypatch: pytest.MonkeyPatch) -> None:
+    def cdist(*args: Any, **kwargs: Any) -> torch.Tensor:
+        raise AssertionError("no torch.cdist in the criterion")
+
+    monkeypatch.setattr(torch, "cdist", cdist)
+    outputs = _random_outputs(2, 15, 6, seed=11)
+    outputs["aux_outputs"] = [_random_outputs(2, 15, 6, seed=12)]
+    losses = build_criterion(6)(outputs, _random_targets([2, 3], 6, seed=5))
+    assert torch.isfinite(losses["loss"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_giou_loss_is_torchvisions(dtype: torch.dtype) -> None:
+    """Same values and gradients as torchvision's generalized_box_iou_loss (which uses
+    boolean-mask indexing, a device sync), on overlapping, disjoint, touching and
+    identical pairs."""
+    from torchvision.ops import box_convert, generalized_box_iou_loss
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.cat([torch.rand(400, 2, generator=g), 0.5 * torch.rand(400, 2, generator=g)], 1)
+    b = torch.cat([torch.rand(400, 2, generator=g), 0.5 * torch.rand(400, 2, generator=g)], 1)
+    b[:20] = a[:20]  # identical
+    b[20:40, 0] = a[20:40, 0] + (a[20:40, 2] + b[20:40, 2]) / 2  # touching along x
+    a, b = a.to(dtype), b.to(dtype)
+    xyxy_b = box_convert(b, "cxcywh", "xyxy")
+    weights = torch.rand(400, generator=g, dtype=torch.float64).to(dtype)
+    results = []
+    for loss_fn in (
+        lambda x: generalized_box_iou_loss(x, xyxy_b, reduction="none", eps=1e-6),
+        lambda x: criterion_module._generalized_box_iou_loss(x, xyxy_b, 1e-6),
+    ):
+        leaf = a.clone().requires_grad_()
+        loss = loss_fn(box_convert(leaf, "cxcywh", "xyxy"))
+        (loss * weights).sum().backward()
+        results.append((loss.detach(), leaf.grad))
+    (l0, g0), (l1, g1) = results
+    assert (l0 > 1).any() and (l0 < 1).any()  # both disjoint and overlapping pairs
+    assert torch.equal(l0, l1) and torch.equal(g0, g1)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from dinodet.loss import matcher as matcher_module
 from dinodet.loss.matcher import HungarianMatcher
 
 
@@ -141,9 +142,72 @@ def test_low_precision_inputs_are_upcast() -> None:
     targets = _random_targets([3, 4], 6, gen)
     logits16, boxes16 = logits.bfloat16(), boxes.bfloat16()
     matcher = HungarianMatcher()
-    cost = matcher._cost_matrix(logits16, boxes16, targets)
+    cost = matcher.cost_matrix(logits16, boxes16, targets)
     assert cost.dtype == torch.float32 and torch.isfinite(cost).all()
     low = matcher(logits16, boxes16, targets)
     ref = matcher(logits16.float(), boxes16.float(), targets)
     for (r0, c0), (r1, c1) in zip(low, ref, strict=True):
         assert torch.equal(r0, r1) and torch.equal(c0, c1)
+
+
+def test_costs_are_float32_under_autocast_and_match_like_float32() -> None:
+    gen = torch.Generator().manual_seed(6)
+    logits, boxes = _random_predictions(3, 40, 9, gen)
+    targets = _random_targets([5, 2, 0], 9, gen)
+    logits16, boxes16 = logits.bfloat16(), boxes.bfloat16()
+    targets32 = [{"labels": t["labels"], "boxes": t["boxes"].float()} for t in targets]
+    matcher = HungarianMatcher()
+    ref_cost = matcher.cost_matrix(logits16.float(), boxes16.float(), targets32)
+    ref = matcher(logits16.float(), boxes16.float(), targets32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cost = matcher.cost_matrix(logits16, boxes16, targets32)
+        low = matcher(logits16, boxes16, targets32)
+    assert cost.dtype == torch.float32
+    assert torch.equal(cost, ref_cost)
+    for (r0, c0), (r1, c1) in zip(low, ref, strict=True):
+        assert torch.equal(r0, r1) and torch.equal(c0, c1)
+
+
+def test_cost_computation_runs_without_autocast(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[bool, torch.dtype]] = []
+    giou = matcher_module.generalized_box_iou
+
+    def spy(a: Tensor, b: Tensor) -> Tensor:
+        seen.append((torch.is_autocast_enabled("cpu"), a.dtype))
+        return giou(a, b)
+
+    monkeypatch.setattr(matcher_module, "generalized_box_iou", spy)
+    gen = torch.Generator().manual_seed(7)
+    logits, boxes = _random_predictions(2, 10, 4, gen)
+    targets = _random_targets([2, 3], 4, gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        HungarianMatcher()(logits.bfloat16(), boxes.bfloat16(), targets)
+    assert seen == [(False, torch.float32)]
+
+
+def test_no_cdist(monkeypatch: pytest.MonkeyPatch) -> None:
+    def cdist(*args: object, **kwargs: object) -> Tensor:
+        raise AssertionError("the matcher must not call torch.cdist")
+
+    monkeypatch.setattr(torch, "cdist", cdist)
+    gen = torch.Generator().manual_seed(8)
+    logits, boxes = _random_predictions(2, 15, 5, gen)
+    targets = _random_targets([3, 4], 5, gen)
+    result = HungarianMatcher()(logits, boxes, targets)
+    assert [len(r) for r, _ in result] == [3, 4]
+
+
+def test_cost_matrix_is_the_per_image_block_of_the_original_formula() -> None:
+    """Per image, each query against its own GT boxes only, with the L1 term exact."""
+    gen = torch.Generator().manual_seed(9)
+    sizes = [3, 0, 5]
+    logits, boxes = _random_predictions(3, 12, 6, gen)
+    targets = _random_targets(sizes, 6, gen)
+    cost = HungarianMatcher().cost_matrix(logits, boxes, targets)
+    assert cost.shape == (3, 12, max(sizes))
+    for i, n in enumerate(sizes):
+        labels, tgt = targets[i]["labels"].tolist(), targets[i]["boxes"]
+        for q in range(12):
+            for t in range(n):
+                expected = _naive_cost(logits[i, q], boxes[i, q], labels[t], tgt[t])
+                assert cost[i, q, t].item() == pytest.approx(expected, rel=1e-12, abs=1e-12)

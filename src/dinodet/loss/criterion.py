@@ -18,9 +18,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import box_convert, sigmoid_focal_loss
 
-from dinodet.loss.matcher import HungarianMatcher, MatchIndices, upcast
+from dinodet.loss.matcher import HungarianMatcher, MatchIndices, autocast_off, upcast
+from dinodet.structures import to_device
 
 __all__ = ["WEIGHTED_TERMS", "SetCriterion", "build_criterion"]
 
@@ -96,18 +97,32 @@ class SetCriterion(nn.Module):
                 ``boxes`` ``[n_i, 4]`` normalised ``cxcywh``.
 
         Returns:
-            Scalar tensors keyed by term name, plus ``loss``: Σ weight × term.
+            Scalar tensors keyed by term name, plus ``loss``: Σ weight × term; in
+            float32 for half-precision outputs (float64 stays float64), also when
+            called under autocast, which is disabled for the loss computation.
+
+        Host-device synchronisations: one, the matcher's copy of the costs to the
+        host (the assignment is solved there). The supervision indices go back in
+        one non-blocking copy and no loss term reads a value on the host, so the
+        rest only queues kernels (with ``torch.distributed`` the GT count is
+        averaged by an all-reduce that stays on the device too).
         """
+        with autocast_off(outputs["pred_logits"].device):
+            return self._forward(outputs, targets)
+
+    def _forward(
+        self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Tensor]]
+    ) -> dict[str, Tensor]:
         logits = outputs["pred_logits"]
         device = logits.device
         dtype = upcast(logits).dtype
         sizes = [len(t["labels"]) for t in targets]
         if len(sizes) != logits.shape[0]:
             raise ValueError(f"{logits.shape[0]} predictions but {len(sizes)} targets")
-        tgt_labels = torch.cat([t["labels"] for t in targets]).to(device, torch.int64)
-        tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(device, dtype)
-        tgt_counts = torch.tensor(sizes, device=device, dtype=dtype)
-        num_boxes = _average_num_boxes(sum(sizes), device)
+        tgt_labels = to_device(torch.cat([t["labels"] for t in targets]), device)
+        tgt_labels = tgt_labels.to(torch.int64)
+        tgt_boxes = to_device(torch.cat([t["boxes"] for t in targets]), device).to(dtype)
+        num_boxes = _average_num_boxes(sum(sizes), device, dtype)
 
         # Every matched set is solved in one call, i.e. one device -> host copy.
         matched: list[tuple[str, Mapping[str, Tensor]]] = [("", outputs)]
@@ -118,21 +133,29 @@ class SetCriterion(nn.Module):
         matches = self.matcher.match_many(
             [(o["pred_logits"], o["pred_boxes"]) for _, o in matched], targets
         )
+        host = [_from_matches(indices, sizes) for indices in matches]
+
+        dn_outputs = outputs.get("dn_outputs")
+        if dn_outputs is not None:
+            num_groups, group_size = _denoising_layout(dn_outputs, sizes)
+            host.append(_denoising_supervision(sizes, num_groups, group_size))
+        # All index tensors and the GT counts in one host -> device copy.
+        tgt_counts, sups = _to_device(sizes, host, device)
+        tgt_counts = tgt_counts.to(dtype)
 
         losses: dict[str, Tensor] = {}
-        for (suffix, out), indices in zip(matched, matches, strict=True):
-            sup = _from_matches(indices, sizes, device)
+        for (suffix, out), sup in zip(matched, sups[: len(matched)], strict=True):
             terms = self._set_losses(out, sup, tgt_labels, tgt_boxes, tgt_counts, num_boxes)
             if suffix == "":
                 # Logged for the final layer only, as in the original.
                 terms["class_error"] = _class_error(out["pred_logits"], sup, tgt_labels)
             losses.update({k + suffix: v for k, v in terms.items()})
 
-        dn_outputs = outputs.get("dn_outputs")
         if dn_outputs is not None:
             losses.update(
                 self._denoising_losses(
-                    dn_outputs, sizes, tgt_labels, tgt_boxes, tgt_counts, num_boxes
+                    dn_outputs, sups[-1], num_groups, tgt_labels, tgt_boxes, tgt_counts,
+                    num_boxes,
                 )
             )
 
@@ -147,32 +170,22 @@ class SetCriterion(nn.Module):
     def _denoising_losses(
         self,
         dn_outputs: Mapping[str, Any],
-        sizes: list[int],
+        sup: _Supervision,
+        num_groups: int,
         tgt_labels: Tensor,
         tgt_boxes: Tensor,
         tgt_counts: Tensor,
-        num_boxes: float,
+        num_boxes: float | Tensor,
     ) -> dict[str, Tensor]:
         """Losses of the denoising queries: no matching, the layout says who is who.
 
         Group ``g`` occupies slots ``[g·S, (g+1)·S)`` with ``S = pad_size / num_groups``;
-        its slot ``g·S + j`` is the positive copy of GT ``j`` of its image. Every
-        other slot (negatives, padding of images with fewer GT) is background.
-        The normaliser is ``num_boxes · num_groups`` since every GT appears once
-        per group.
+        its slot ``g·S + j`` is the positive copy of GT ``j`` of its image (``sup``,
+        from :func:`_denoising_supervision`). Every other slot (negatives, padding of
+        images with fewer GT) is background. The normaliser is ``num_boxes · num_groups``
+        since every GT appears once per group.
         """
-        meta = dn_outputs["dn_meta"]
-        num_groups, pad_size = int(meta["num_groups"]), int(meta["pad_size"])
-        group_size = pad_size // num_groups
-        if group_size * num_groups != pad_size:
-            raise ValueError(f"pad_size {pad_size} is not a multiple of num_groups {num_groups}")
-        if int(meta.get("group_size", group_size)) != group_size:
-            raise ValueError(f"dn_meta group_size {meta['group_size']} != {group_size}")
-        if sizes and max(sizes) > group_size:
-            raise ValueError(f"{max(sizes)} GT in one image but denoising groups of {group_size}")
-
-        device = tgt_labels.device
-        sup = _denoising_supervision(sizes, num_groups, group_size, device)
+        pad_size = int(dn_outputs["dn_meta"]["pad_size"])
         norm = num_boxes * num_groups
         losses: dict[str, Tensor] = {}
         layers = [("_dn", dn_outputs)]
@@ -193,7 +206,7 @@ class SetCriterion(nn.Module):
         tgt_labels: Tensor,
         tgt_boxes: Tensor,
         tgt_counts: Tensor,
-        norm: float,
+        norm: float | Tensor,
     ) -> dict[str, Tensor]:
         """Focal, L1, GIoU and logged terms for one prediction set.
 
@@ -202,7 +215,8 @@ class SetCriterion(nn.Module):
             sup: which predictions supervise which concatenated targets.
             tgt_labels: ``[T]`` concatenated labels; ``tgt_boxes`` ``[T, 4]`` boxes.
             tgt_counts: ``[B]`` GT count per image (for the cardinality error).
-            norm: the normaliser (number of GT boxes, at least 1).
+            norm: the normaliser (number of GT boxes, at least 1; a 0-dim tensor
+                when averaged over processes).
         """
         logits = upcast(out["pred_logits"])
         boxes = upcast(out["pred_boxes"])
@@ -223,11 +237,8 @@ class SetCriterion(nn.Module):
         dst = tgt_boxes[sup.target_idx]  # [M, 4]
         l1 = F.l1_loss(src, dst, reduction="none")
         terms["loss_bbox"] = l1.sum() / norm
-        giou = generalized_box_iou_loss(
-            box_convert(src, "cxcywh", "xyxy"),
-            box_convert(dst, "cxcywh", "xyxy"),
-            reduction="none",
-            eps=_GIOU_EPS,
+        giou = _generalized_box_iou_loss(
+            box_convert(src, "cxcywh", "xyxy"), box_convert(dst, "cxcywh", "xyxy"), _GIOU_EPS
         )
         terms["loss_giou"] = giou.sum() / norm
         with torch.no_grad():
@@ -274,41 +285,54 @@ def _base_name(name: str) -> str:
     return name
 
 
-def _average_num_boxes(local: int, device: torch.device) -> float:
+def _average_num_boxes(local: int, device: torch.device, dtype: torch.dtype) -> float | Tensor:
     """GT count used as normaliser: averaged over processes, at least 1.
 
-    Only the distributed case needs a tensor (and a sync); the single-process
-    value is known on the host already.
+    The single-process value is known on the host already. With several processes it
+    is all-reduced and kept on the device as a 0-dim tensor (filled there, not copied
+    from the host): dividing the losses by it queues kernels instead of waiting for the
+    collective, so this costs no host-device synchronisation either.
     """
     if dist.is_available() and dist.is_initialized():
-        count = torch.tensor([float(local)], device=device)
+        count = torch.full((1,), float(local), device=device, dtype=dtype)
         dist.all_reduce(count)
-        return max(count.item() / dist.get_world_size(), 1.0)
+        return (count[0] / dist.get_world_size()).clamp(min=1.0)
     return max(float(local), 1.0)
 
 
-def _from_matches(
-    indices: list[MatchIndices], sizes: list[int], device: torch.device
-) -> _Supervision:
-    """Flatten per-image matcher output into batch-level index tensors on ``device``."""
+def _denoising_layout(dn_outputs: Mapping[str, Any], sizes: list[int]) -> tuple[int, int]:
+    """``(num_groups, group_size)`` of the denoising queries, checked against ``dn_meta``."""
+    meta = dn_outputs["dn_meta"]
+    num_groups, pad_size = int(meta["num_groups"]), int(meta["pad_size"])
+    group_size = pad_size // num_groups
+    if group_size * num_groups != pad_size:
+        raise ValueError(f"pad_size {pad_size} is not a multiple of num_groups {num_groups}")
+    if int(meta.get("group_size", group_size)) != group_size:
+        raise ValueError(f"dn_meta group_size {meta['group_size']} != {group_size}")
+    if sizes and max(sizes) > group_size:
+        raise ValueError(f"{max(sizes)} GT in one image but denoising groups of {group_size}")
+    return num_groups, group_size
+
+
+def _from_matches(indices: list[MatchIndices], sizes: list[int]) -> Tensor:
+    """Per-image matcher output -> ``[3, M]`` int64 on the host: rows batch index,
+    query index and index into the batch's concatenated targets."""
     if not indices:
-        empty = torch.empty(0, dtype=torch.int64, device=device)
-        return _Supervision(empty, empty, empty)
+        return torch.empty(3, 0, dtype=torch.int64)
     offsets = [0]
     for n in sizes[:-1]:
         offsets.append(offsets[-1] + n)
     batch = [torch.full_like(q, i) for i, (q, _) in enumerate(indices)]
     flat_tgt = [t + offsets[i] for i, (_, t) in enumerate(indices)]
     queries = [q for q, _ in indices]
-    # Stack on the host and copy once.
-    packed = torch.stack([torch.cat(batch), torch.cat(queries), torch.cat(flat_tgt)]).to(device)
-    return _Supervision(packed[0], packed[1], packed[2])
+    return torch.stack([torch.cat(batch), torch.cat(queries), torch.cat(flat_tgt)])
 
 
-def _denoising_supervision(
-    sizes: list[int], num_groups: int, group_size: int, device: torch.device
-) -> _Supervision:
-    """Positive denoising slots: slot ``g·group_size + j`` reconstructs GT ``j`` in every group."""
+def _denoising_supervision(sizes: list[int], num_groups: int, group_size: int) -> Tensor:
+    """Positive denoising slots as ``[3, M]`` int64 on the host (see :func:`_from_matches`):
+    slot ``g·group_size + j`` reconstructs GT ``j`` in every group."""
+    if not sizes:
+        return torch.empty(3, 0, dtype=torch.int64)
     group_start = torch.arange(num_groups, dtype=torch.int64) * group_size  # [G]
     batch, queries, flat_tgt = [], [], []
     offset = 0
@@ -318,11 +342,48 @@ def _denoising_supervision(
         flat_tgt.append((offset + j).repeat(num_groups))
         batch.append(torch.full((num_groups * n,), i, dtype=torch.int64))
         offset += n
-    if not sizes:
-        empty = torch.empty(0, dtype=torch.int64, device=device)
-        return _Supervision(empty, empty, empty)
-    packed = torch.stack([torch.cat(batch), torch.cat(queries), torch.cat(flat_tgt)]).to(device)
-    return _Supervision(packed[0], packed[1], packed[2])
+    return torch.stack([torch.cat(batch), torch.cat(queries), torch.cat(flat_tgt)])
+
+
+def _to_device(
+    sizes: list[int], host: list[Tensor], device: torch.device
+) -> tuple[Tensor, list[_Supervision]]:
+    """GT counts ``[B]`` and every ``[3, M_k]`` index set, moved in one copy; on the
+    device they are views of that copy."""
+    counts = torch.tensor(sizes, dtype=torch.int64)
+    packed = to_device(torch.cat([counts, *(h.flatten() for h in host)]), device)
+    parts = packed.split([len(sizes), *(h.numel() for h in host)])
+    sups = [_Supervision(*p.view(3, h.shape[1])) for p, h in zip(parts[1:], host, strict=True)]
+    return parts[0], sups
+
+
+def _generalized_box_iou_loss(boxes1: Tensor, boxes2: Tensor, eps: float) -> Tensor:
+    """``1 − GIoU`` of paired ``xyxy`` boxes ``[M, 4]`` -> ``[M]``.
+
+    torchvision's ``generalized_box_iou_loss(..., reduction="none", eps=eps)``, the same
+    formula in the same order of operations (same values and gradients), except that
+    the intersection of non-overlapping pairs is zeroed with ``torch.where``:
+    torchvision writes it through boolean-mask indexing, whose ``nonzero`` makes the
+    host wait for the GPU four times per call.
+    """
+    x1, y1, x2, y2 = boxes1.unbind(-1)
+    x1g, y1g, x2g, y2g = boxes2.unbind(-1)
+    xkis1 = torch.max(x1, x1g)
+    ykis1 = torch.max(y1, y1g)
+    xkis2 = torch.min(x2, x2g)
+    ykis2 = torch.min(y2, y2g)
+    overlap = (ykis2 > ykis1) & (xkis2 > xkis1)
+    intsctk = torch.where(overlap, (xkis2 - xkis1) * (ykis2 - ykis1), 0.0)
+    unionk = (x2 - x1) * (y2 - y1) + (x2g - x1g) * (y2g - y1g) - intsctk
+    iouk = intsctk / (unionk + eps)
+    # smallest enclosing box
+    xc1 = torch.min(x1, x1g)
+    yc1 = torch.min(y1, y1g)
+    xc2 = torch.max(x2, x2g)
+    yc2 = torch.max(y2, y2g)
+    area_c = (xc2 - xc1) * (yc2 - yc1)
+    miouk = iouk - ((area_c - unionk) / (area_c + eps))
+    return 1 - miouk
 
 
 @torch.no_grad()

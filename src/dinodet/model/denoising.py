@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert
 
 from dinodet.model.boxes import inverse_sigmoid
+from dinodet.structures import to_device
 
 __all__ = ["DenoisingQueries", "build_denoising_queries", "denoising_attn_mask"]
 
@@ -156,10 +157,11 @@ def build_denoising_queries(
     boxes = torch.cat([t["boxes"] for t in targets]).to(device, work)  # [T, 4]
     total = labels.shape[0]
     # Image and within-image index of every GT: built on the host, where the
-    # sizes already are, and copied once (no device sync for output sizes).
+    # sizes already are, and copied once without blocking (see to_device): no
+    # device sync, neither for output sizes nor for the copy.
     image_idx = torch.repeat_interleave(torch.arange(batch), torch.tensor(sizes))
     within = torch.cat([torch.arange(n) for n in sizes])
-    image_idx, within = torch.stack([image_idx, within]).to(device)  # [T] each
+    image_idx, within = to_device(torch.stack([image_idx, within]), device)  # [T] each
 
     def rand(*shape: int) -> Tensor:
         return _uniform(shape, work, device, generator)
@@ -217,7 +219,7 @@ def _uniform(
 ) -> Tensor:
     """``U[0, 1)`` draws from ``generator`` (on its own device), returned on ``device``."""
     source = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, device=source, dtype=dtype).to(device)
+    return to_device(torch.rand(shape, generator=generator, device=source, dtype=dtype), device)
 
 
 def _randint(
@@ -228,4 +230,4 @@ def _randint(
 ) -> Tensor:
     """Uniform int64 draws in ``[0, high)`` from ``generator``, returned on ``device``."""
     source = generator.device if generator is not None else device
-    return torch.randint(0, high, shape, generator=generator, device=source).to(device)
+    return to_device(torch.randint(0, high, shape, generator=generator, device=source), device)

@@ -37,6 +37,7 @@ takes them on any device (CPU tensors run under Triton's interpreter, for tests)
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from collections.abc import Iterator
@@ -288,6 +289,22 @@ def ms_deform_attn_grid_sample(
     return out.to(value.dtype).contiguous()
 
 
+@functools.lru_cache(maxsize=64)
+def _cached_level_wh(shapes: tuple[tuple[int, int], ...], dtype: torch.dtype,
+                     device: torch.device) -> Tensor:
+    return torch.tensor([[w, h] for h, w in shapes], dtype=dtype, device=device)
+
+
+def _level_wh(spatial_shapes: list[tuple[int, int]], dtype: torch.dtype,
+              device: torch.device) -> Tensor:
+    """[L, 2] (W, H) of every level. On CUDA a cached copy: building it from a Python list
+    copies from pageable memory, which waits for the GPU, every call (never written to)."""
+    if device.type == "cuda" and not exporting():
+        return _cached_level_wh(tuple((int(h), int(w)) for h, w in spatial_shapes), dtype,
+                                device)
+    return torch.tensor([[w, h] for h, w in spatial_shapes], dtype=dtype, device=device)
+
+
 class MSDeformAttn(nn.Module):
     """Multi-scale deformable attention with the original's parameter names.
 
@@ -391,8 +408,7 @@ class MSDeformAttn(nn.Module):
         reference_points = reference_points.to(compute)
         if reference_points.shape[-1] == 2:
             # Offsets are in cells of each level: divide by (W_l, H_l).
-            normalizer = torch.tensor(
-                [[w, h] for h, w in spatial_shapes], dtype=compute, device=query.device)
+            normalizer = _level_wh(spatial_shapes, compute, query.device)
             locations = (reference_points[:, :, None, :, None, :]
                          + offsets / normalizer[None, None, None, :, None, :])
         else:
@@ -414,8 +430,7 @@ class MSDeformAttn(nn.Module):
         #   2-d references: location = ref + offset / size, so ref·size − 0.5 + offset;
         #   boxes: location = ref_xy + offset / P · ref_wh / 2,
         #          so ref_xy·size − 0.5 + offset · ref_wh·size / (2P).
-        level_sizes = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=compute,
-                                   device=query.device).t()  # [2, L]
+        level_sizes = _level_wh(spatial_shapes, compute, query.device).t()  # [2, L]
         outs = []
         for q0 in range(0, lq, sampler.chunk):
             q1 = q0 + sampler.chunk

@@ -8,6 +8,8 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_convert
 
+from dinodet.structures import to_device
+
 
 @torch.no_grad()
 def postprocess(outputs: dict[str, Any], target_sizes: Tensor | list[tuple[int, int]],
@@ -23,7 +25,8 @@ def postprocess(outputs: dict[str, Any], target_sizes: Tensor | list[tuple[int, 
     """
     logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
     b, q, c = logits.shape
-    sizes = torch.as_tensor(target_sizes, device=boxes.device)
+    # Built on the host when given as a list, and moved without a device sync.
+    sizes = to_device(torch.as_tensor(target_sizes), boxes.device)
     if sizes.shape != (b, 2):
         raise ValueError(f"target_sizes must be [{b}, 2] (h, w) for {b} images, "
                          f"got shape {tuple(sizes.shape)}")
