@@ -63,6 +63,8 @@ PLAN: dict[str, tuple[str, object]] = {
     "dinodet export runs/mine/best.pt": (RUN, {}),
     "import numpy as np": (RUN, {}),
     "python benchmarks/bench_inference.py": (SKIP, "benchmarks time full-size models"),
+    "from dinodet.model import ms_deform_attn": (RUN, {}),
+    "python benchmarks/bench_ms_deform_attn_gpu.py": (SKIP, "needs a CUDA device"),
 }
 
 
