@@ -201,6 +201,12 @@ def test_backend_selection(monkeypatch):
     assert msda.get_backend() == "auto"
     assert not msda.uses_triton(cpu) and msda.uses_triton(cuda)
     assert not msda.uses_triton(cuda.double())  # float64 stays exact
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:  # atomics in the kernels' backward: deterministic runs keep the PyTorch path
+        torch.use_deterministic_algorithms(True)
+        assert not msda.uses_triton(cuda)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
     with msda.backend("torch"):
         assert not msda.uses_triton(cuda)
     with msda.backend("triton"):

@@ -245,7 +245,10 @@ def uses_triton(value: Tensor) -> bool:
         return False  # float64: the kernels compute in float32
     chosen = get_backend()
     if chosen == "auto":
-        return value.is_cuda and ms_deform_attn_triton.AVAILABLE
+        # The kernels' value gradient adds with atomics, in no fixed order: deterministic
+        # runs keep the PyTorch path (embedding_bag's CUDA backward is deterministic).
+        return (value.is_cuda and ms_deform_attn_triton.AVAILABLE
+                and not torch.are_deterministic_algorithms_enabled())
     return chosen == "triton"
 
 
