@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dinodet.model.postprocess import select_top
+
 __all__ = ["EXPORT_FORMATS", "ExportGraph", "ExportedModel", "compare_detections",
            "export_model", "read_metadata", "run_exported"]
 
@@ -57,20 +59,13 @@ class ExportGraph(nn.Module):
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         h, w = images.shape[-2:]
         out = self.model((images - self.mean) / self.std)
-        logits, boxes = out["pred_logits"], out["pred_boxes"]
-        b, q, c = logits.shape
-        scores, index = torch.topk(logits.sigmoid().reshape(b, q * c),
-                                   min(self.num_select, q * c), dim=1)
-        labels = index % c
-        query = torch.div(index, c, rounding_mode="floor")
-        boxes = torch.gather(boxes, 1, query[..., None].expand(-1, -1, 4))
-        # cxcywh in [0, 1] -> xyxy pixels. The size multiplies a tensor as symbols, so the
-        # traced graph reads it from the input instead of fixing the example's.
+        # The size multiplies a tensor as symbols, so the traced graph reads it from the
+        # input instead of fixing the example's.
         one = images.new_ones(())
-        size = torch.stack([one * w, one * h])
-        centre, half = boxes[..., :2] * size, boxes[..., 2:] * size / 2
-        xyxy = torch.cat([centre - half, centre + half], -1)
-        xyxy = torch.minimum(xyxy.clamp(min=0), torch.cat([size, size]))
+        size = torch.stack([one * w, one * h, one * w, one * h])
+        scores, labels, xyxy = select_top(out["pred_logits"], out["pred_boxes"], size,
+                                          self.num_select)
+        xyxy = torch.minimum(xyxy.clamp(min=0), size)
         return xyxy, scores, labels
 
 

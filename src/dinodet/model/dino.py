@@ -21,9 +21,8 @@ from dinodet.structures import ImageBatch
 Targets = list[dict[str, Tensor]]
 
 
-def _check_image(im: Any, name: str) -> None:
-    """Validate one [3, H, W] image, or a [B, 3, H, W] batch when ``name`` is "images"."""
-    rank = 4 if name == "images" else 3
+def _check_image(im: Any, name: str, rank: int = 3) -> None:
+    """Validate one [3, H, W] image (``rank`` 3) or a [B, 3, H, W] batch (``rank`` 4)."""
     if not isinstance(im, Tensor):
         raise TypeError(f"{name} is a {type(im).__name__}, expected a torch.Tensor")
     if im.dim() != rank:
@@ -47,7 +46,7 @@ def check_images(images: Any) -> list[Tensor] | Tensor:
             raise ValueError(
                 f"images must be a list of [3, H, W] tensors or a [B, 3, H, W] batch; "
                 f"got a tensor of shape {tuple(images.shape)}")
-        _check_image(images, "images")
+        _check_image(images, "images", rank=4)
         return images
     if not isinstance(images, (list, tuple)) or not images:
         raise ValueError(f"images must be a non-empty list of [3, H, W] tensors, got {images!r}")

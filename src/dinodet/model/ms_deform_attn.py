@@ -37,7 +37,6 @@ takes them on any device (CPU tensors run under Triton's interpreter, for tests)
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import os
 from collections.abc import Iterator
@@ -48,6 +47,7 @@ from torch import Tensor, nn
 
 from dinodet.model import ms_deform_attn_triton
 from dinodet.model.tracing import exporting
+from dinodet.structures import to_device
 
 # Sampled corners (N·q·M·L·P·4) per chunk of queries. On CPU a chunk's index and weight
 # temporaries (1 MB each) stay in cache and are recycled by the allocator, where at full
@@ -292,20 +292,15 @@ def ms_deform_attn_grid_sample(
     return out.to(value.dtype).contiguous()
 
 
-@functools.lru_cache(maxsize=64)
-def _cached_level_wh(shapes: tuple[tuple[int, int], ...], dtype: torch.dtype,
-                     device: torch.device) -> Tensor:
-    return torch.tensor([[w, h] for h, w in shapes], dtype=dtype, device=device)
-
-
 def _level_wh(spatial_shapes: list[tuple[int, int]], dtype: torch.dtype,
               device: torch.device) -> Tensor:
-    """[L, 2] (W, H) of every level. On CUDA a cached copy: building it from a Python list
-    copies from pageable memory, which waits for the GPU, every call (never written to)."""
-    if device.type == "cuda" and not exporting():
-        return _cached_level_wh(tuple((int(h), int(w)) for h, w in spatial_shapes), dtype,
-                                device)
-    return torch.tensor([[w, h] for h, w in spatial_shapes], dtype=dtype, device=device)
+    """[L, 2] (W, H) of every level, built on the host and moved without a device sync
+    (:func:`~dinodet.structures.to_device`); while exporting, in the graph (the sizes are
+    symbols there)."""
+    wh = [[w, h] for h, w in spatial_shapes]
+    if exporting():
+        return torch.tensor(wh, dtype=dtype, device=device)
+    return to_device(torch.tensor(wh, dtype=dtype), device)
 
 
 class MSDeformAttn(nn.Module):
