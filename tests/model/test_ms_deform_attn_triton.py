@@ -194,19 +194,28 @@ def fake_cuda_values(dtype=torch.float32):
         return torch.empty(1, 6, 2, 4, device="cuda", dtype=dtype)
 
 
+@pytest.fixture
+def nondeterministic():
+    """Deterministic algorithms off for the test (a training test earlier in the session
+    may have switched them on for the process, as training does), restored after."""
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(False)
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
 @requires_triton
-def test_backend_selection(monkeypatch):
+def test_backend_selection(monkeypatch, nondeterministic):
     cpu = torch.zeros(1, 6, 2, 4)
     cuda = fake_cuda_values()
     assert msda.get_backend() == "auto"
     assert not msda.uses_triton(cpu) and msda.uses_triton(cuda)
     assert not msda.uses_triton(cuda.double())  # float64 stays exact
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    try:  # atomics in the kernels' backward: deterministic runs keep the PyTorch path
-        torch.use_deterministic_algorithms(True)
-        assert not msda.uses_triton(cuda)
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
+    torch.use_deterministic_algorithms(True)  # restored by the fixture
+    # atomics in the kernels' backward: deterministic runs keep the PyTorch path
+    assert not msda.uses_triton(cuda)
+    torch.use_deterministic_algorithms(False)
     with msda.backend("torch"):
         assert not msda.uses_triton(cuda)
     with msda.backend("triton"):
