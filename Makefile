@@ -18,7 +18,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy
 
 demo: $(STAMP)
 	$(BIN)/python -m dinodet demo

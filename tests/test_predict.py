@@ -190,7 +190,7 @@ def test_very_large_images_are_resized_as_configured(model_dir):
     assert det.resized_size(3000, 4000) == (60, 80)  # the longer side capped
     assert Detector.from_pretrained(model_dir).resized_size(3000, 4000) == (64, 85)
     seen = []
-    det.model.register_forward_pre_hook(lambda m, args: seen.append(args[0][0].shape))
+    det.model.register_forward_pre_hook(lambda m, args: seen.append(args[0].tensors[0].shape))
     big = np.random.default_rng(0).integers(0, 256, (3000, 4000, 3), dtype=np.uint8)
     found = det(big, threshold=0.0)
     assert tuple(seen[0]) == (3, 60, 80)

@@ -37,10 +37,13 @@ BLOCK = re.compile(r"^```(python|bash)\n(.*?)^```", re.S | re.M)
 SIZE = 128
 _small = TransformConfig.for_eval_size(SIZE)
 SMALL_DATA = " ".join([
-    f"--set data.eval_size={SIZE}", "--set data.scales=[" + ",".join(map(str, _small.scales)) + "]",
-    f"--set data.max_size={_small.max_size}",
-    "--set data.crop_resize_scales=[" + ",".join(map(str, _small.crop_resize_scales)) + "]",
-    f"--set data.crop_min={_small.crop_min}", f"--set data.crop_max={_small.crop_max}",
+    f"--set data.transform.eval_size={SIZE}",
+    "--set data.transform.scales=[" + ",".join(map(str, _small.scales)) + "]",
+    f"--set data.transform.max_size={_small.max_size}",
+    "--set data.transform.crop_resize_scales=["
+    + ",".join(map(str, _small.crop_resize_scales)) + "]",
+    f"--set data.transform.crop_min={_small.crop_min}",
+    f"--set data.transform.crop_max={_small.crop_max}",
     "--set data.num_workers=0", "--no-progress"])
 
 SKIP, RUN = "skip", "run"
@@ -61,7 +64,7 @@ PLAN: dict[str, tuple[str, object]] = {
     "import dinodet": (RUN, {}),
     "dinodet predict runs/mine/best.pt": (RUN, {}),
     "dinodet export runs/mine/best.pt": (RUN, {}),
-    "import numpy as np": (RUN, {}),
+    "import onnxruntime as ort": (RUN, {}),
     "python benchmarks/bench_inference.py": (SKIP, "benchmarks time full-size models"),
     "from dinodet.model import ms_deform_attn": (RUN, {}),
     "python benchmarks/bench_ms_deform_attn_gpu.py": (SKIP, "needs a CUDA device"),

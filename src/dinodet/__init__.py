@@ -3,6 +3,9 @@
 Public API:
     from_original(source, variant)   original DINO checkpoint -> model (eval mode)
     load_pretrained(path)            a directory written by ``dinodet convert``
+    load_model(path, variant=None, weights="ema")   any model file -> LoadedModel
+    Detector.from_pretrained(path)   detection on images, files, folders
+    EvalTransform(size, max_size)    the resize + normalisation of every inference path
     build_model(variant_or_config)   a fresh model from a preset or a DINOConfig
     postprocess(outputs, target_sizes, num_select=300)
     build_criterion(num_classes, **overrides)
@@ -16,14 +19,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PRESETS",
+    "CheckpointError",
     "DINOConfig",
     "Detections",
     "Detector",
+    "EvalTransform",
     "__version__",
     "build_criterion",
     "build_model",
     "from_original",
     "get_preset",
+    "load_model",
     "load_pretrained",
     "postprocess",
     "save_pretrained",
@@ -31,19 +37,29 @@ __all__ = [
 
 if TYPE_CHECKING:
     from dinodet.config import PRESETS, DINOConfig, get_preset
-    from dinodet.convert import from_original, load_pretrained, save_pretrained
+    from dinodet.data.transforms import EvalTransform
     from dinodet.loss.criterion import build_criterion
     from dinodet.model.dino import DINO
     from dinodet.model.postprocess import postprocess
     from dinodet.predict import Detections, Detector
+    from dinodet.weights import (
+        CheckpointError,
+        from_original,
+        load_model,
+        load_pretrained,
+        save_pretrained,
+    )
 
 _LAZY = {
     "PRESETS": "dinodet.config",
     "DINOConfig": "dinodet.config",
     "get_preset": "dinodet.config",
-    "from_original": "dinodet.convert",
-    "load_pretrained": "dinodet.convert",
-    "save_pretrained": "dinodet.convert",
+    "CheckpointError": "dinodet.weights",
+    "EvalTransform": "dinodet.data.transforms",
+    "from_original": "dinodet.weights",
+    "load_model": "dinodet.weights",
+    "load_pretrained": "dinodet.weights",
+    "save_pretrained": "dinodet.weights",
     "build_criterion": "dinodet.loss.criterion",
     "postprocess": "dinodet.model.postprocess",
     "DINO": "dinodet.model.dino",

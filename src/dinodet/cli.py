@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from dinodet.convert import from_original, save_pretrained
+    from dinodet.weights import from_original, save_pretrained
 
     model = from_original(args.checkpoint, args.variant, num_classes=args.num_classes)
     out = save_pretrained(model, args.out_dir, extra={"source": str(args.checkpoint),
@@ -18,28 +18,6 @@ def _convert(args: argparse.Namespace) -> int:
     print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'} "
           f"({n / 1e6:.1f}M values, {model.cfg.num_classes} classes)")
     return 0
-
-
-def synthetic_image(height: int = 480, width: int = 640, seed: int = 0):
-    """A [3, H, W] float image in [0, 1] with a few coloured rectangles and discs."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    img = 0.3 + 0.1 * torch.rand(3, 1, 1, generator=g) + 0.05 * torch.rand(3, height, width,
-                                                                            generator=g)
-    yy, xx = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    for i in range(6):
-        h = int(height * (0.1 + 0.3 * torch.rand(1, generator=g)))
-        w = int(width * (0.1 + 0.3 * torch.rand(1, generator=g)))
-        y0 = int((height - h) * torch.rand(1, generator=g))
-        x0 = int((width - w) * torch.rand(1, generator=g))
-        colour = torch.rand(3, 1, generator=g)
-        if i % 2:
-            inside = ((yy - y0 - h / 2) / (h / 2)) ** 2 + ((xx - x0 - w / 2) / (w / 2)) ** 2 <= 1
-        else:
-            inside = (yy >= y0) & (yy < y0 + h) & (xx >= x0) & (xx < x0 + w)
-        img[:, inside] = colour
-    return img.clamp(0, 1)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -55,27 +33,29 @@ def _detect_demo(args: argparse.Namespace) -> int:
     import torch
 
     import dinodet
-    from dinodet.model.postprocess import postprocess
+    from dinodet.data.synthetic import synthetic_image
+    from dinodet.predict import Detector, load_image
+    from dinodet.structures import ImageBatch
 
     torch.manual_seed(args.seed)
     if args.weights:
-        model = dinodet.load_pretrained(args.weights)
+        detector = Detector.from_pretrained(args.weights)
         variant = args.weights
     else:
-        model = dinodet.build_model(args.variant).eval()
+        detector = Detector(dinodet.build_model(args.variant))
         variant = f"{args.variant} (random weights: no pretrained file on this machine)"
     image = synthetic_image(args.height, args.width, args.seed)
-    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
-    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
     start = time.perf_counter()
-    with torch.inference_mode():
-        out = model([(image - mean) / std])
+    found = detector.detect_batch(
+        ImageBatch.from_images([detector.transform(load_image(image))]),
+        [(args.height, args.width)], threshold=0.0)[0]
     seconds = time.perf_counter() - start
-    det = postprocess(out, torch.tensor([[args.height, args.width]]), num_select=args.top)[0]
+    h, w = detector.resized_size(args.height, args.width)
     print(f"model: {variant}")
-    print(f"image: synthetic {args.height}x{args.width}; inference {seconds:.2f} s on CPU")
+    print(f"image: synthetic {args.height}x{args.width}, resized to {h}x{w}; detection "
+          f"{seconds:.2f} s on CPU")
     print(f"{'score':>7} {'class':>6}  box (x0, y0, x1, y1) in pixels")
-    for s, lab, box in zip(det["scores"], det["labels"], det["boxes"]):
+    for s, lab, box in zip(found.scores[:args.top], found.labels, found.boxes):
         coords = ", ".join(f"{v:7.1f}" for v in box.tolist())
         print(f"{s.item():7.3f} {lab.item():6d}  ({coords})")
     return 0
@@ -94,7 +74,8 @@ def _train(args: argparse.Namespace) -> int:
     from dinodet.engine.distributed import cleanup
 
     try:
-        summary = train(cfg, resume=args.resume, init=args.init, progress=not args.no_progress)
+        summary = train(cfg, resume=args.resume, init=args.init, init_weights=args.init_weights,
+                        progress=not args.no_progress)
     except TrainingStopped as e:
         print(f"dinodet train: stopped: {e}", file=sys.stderr)
         return 3
@@ -104,13 +85,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from dinodet.engine.run import evaluate_checkpoint
+    from dinodet.engine.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.checkpoint, args.ann, args.images, out=args.out,
                                  variant=args.variant, batch_size=args.batch_size,
-                                 eval_size=args.eval_size,
+                                 eval_size=args.eval_size, max_size=args.max_size,
                                  keep_category_ids=args.keep_category_ids,
-                                 num_workers=args.workers)
+                                 num_workers=args.workers, weights=args.weights)
     print(result.format_table())
     if args.out:
         print(f"wrote detections to {args.out}")
@@ -164,40 +145,35 @@ def _predict(args: argparse.Namespace) -> int:
     for item in missing:
         print(f"dinodet predict: no image found at {item}", file=sys.stderr)
     detector = Detector.from_pretrained(args.checkpoint, variant=args.variant,
-                                        eval_size=args.size, max_size=args.max_size)
+                                        eval_size=args.size, max_size=args.max_size,
+                                        weights=args.weights)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records, failed, used = [], list(missing), set()
     bar = tqdm(total=len(files), unit="image", disable=len(files) <= 4 or args.no_progress)
-    for start in range(0, len(files), args.batch_size):
-        batch = []
-        for file in files[start:start + args.batch_size]:
-            try:
-                batch.append((file, load_image(file)))
-            except ImageReadError as e:
-                failed.append(file)
-                bar.write(f"dinodet predict: skipped: {e}", file=sys.stderr)
-        found = detector([image for _, image in batch], threshold=args.threshold,
-                         batch_size=args.batch_size) if batch else []
-        for (file, image), det in zip(batch, found):
-            name = Path(file).stem
-            n = 1
-            while name in used:
-                n += 1
-                name = f"{Path(file).stem}_{n}"
-            used.add(name)
-            save_detections(out / f"{name}.png", image, det.boxes, det.labels, det.scores,
-                            det.class_names)
-            records.append({
-                "file": file, "output": f"{name}.png",
-                "width": det.image_size[1], "height": det.image_size[0],
-                "detections": [{"box": box, "score": score, "label": label, "name": cls}
-                               for box, score, label, cls in zip(
-                                   det.boxes.tolist(), det.scores.tolist(),
-                                   det.labels.tolist(), det.names)],
-            })
-        bar.update(args.batch_size if start + args.batch_size <= len(files)
-                   else len(files) - start)
+    for file, det in detector.detect_files(files, args.threshold, args.batch_size,
+                                           args.workers):
+        bar.update(1)
+        if isinstance(det, ImageReadError):
+            failed.append(file)
+            bar.write(f"dinodet predict: skipped: {det}", file=sys.stderr)
+            continue
+        name = Path(file).stem
+        n = 1
+        while name in used:
+            n += 1
+            name = f"{Path(file).stem}_{n}"
+        used.add(name)
+        save_detections(out / f"{name}.png", load_image(file), det.boxes, det.labels,
+                        det.scores, det.class_names)
+        records.append({
+            "file": file, "output": f"{name}.png",
+            "width": det.image_size[1], "height": det.image_size[0],
+            "detections": [{"box": box, "score": score, "label": label, "name": cls}
+                           for box, score, label, cls in zip(
+                               det.boxes.tolist(), det.scores.tolist(),
+                               det.labels.tolist(), det.names)],
+        })
     bar.close()
     (out / "detections.json").write_text(json.dumps(records, indent=1))
     print(f"{len(records)} image(s) -> {out}" + (f"; {len(failed)} failed" if failed else ""))
@@ -207,12 +183,11 @@ def _predict(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     import torch
 
-    from dinodet.engine.run import load_model
     from dinodet.export import compare_detections, export_model, run_exported
-    from dinodet.predict import DEFAULT_EVAL_SIZE, default_max_size
+    from dinodet.weights import load_model
 
-    loaded = load_model(args.checkpoint, args.variant)
-    eval_size = int(loaded.eval_size or DEFAULT_EVAL_SIZE)
+    loaded = load_model(args.checkpoint, args.variant, args.weights)
+    eval_size = loaded.transform.size
     if args.size:
         height, width = args.size
     else:  # the model's usual input: a 4:3 image resized to its evaluation size
@@ -222,8 +197,7 @@ def _export(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     path = export_model(loaded.model, out, args.format, example_size=(height, width),
                         dynamic=not args.static, opset=args.opset, classes=loaded.classes,
-                        eval_size=eval_size, max_size=default_max_size(eval_size),
-                        variant=args.variant)
+                        transform=loaded.transform, variant=args.variant)
     size_mb = path.stat().st_size / 1e6
     print(f"wrote {path} ({args.format}, {size_mb:.1f} MB, "
           f"{time.perf_counter() - start:.0f} s)")
@@ -234,7 +208,7 @@ def _export(args: argparse.Namespace) -> int:
         h, w = (height, width) if args.static else (height - 32, width + 32)
         images = torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            expected = ExportGraph(loaded.model)(images)
+            expected = ExportGraph(loaded.model, transform=loaded.transform)(images)
         diff = compare_detections(expected, run_exported(path, images), min_score=0.05)
         ok = diff["score"] <= 1e-3 and diff["box"] <= 0.5
         print(f"verify on 2x3x{h}x{w}: max score difference {diff['score']:.2e}, max box "
@@ -275,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", help="'auto' (newest checkpoint in --out) or a checkpoint")
     p.add_argument("--init", help="start from weights: a dinodet checkpoint / model "
                                   "directory, or an original DINO .pth")
+    p.add_argument("--init-weights", choices=["ema", "raw"], default="ema",
+                   help="with --init of a run checkpoint trained with EMA: its EMA weights "
+                        "(default) or the raw ones")
     p.add_argument("--keep-category-ids", action="store_true",
                    help="use raw category ids as class indices (COCO's 91 of the original)")
     p.add_argument("--strict", action="store_true",
@@ -290,6 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write detections here (COCO results json)")
     p.add_argument("--variant", choices=sorted(PRESETS), help="for an original DINO .pth")
     p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--max-size", type=int, default=None,
+                   help="cap on the longer side (default: the checkpoint's, or 1333/800 of "
+                        "--eval-size)")
+    p.add_argument("--weights", choices=["ema", "raw"], default="ema",
+                   help="of a run checkpoint trained with EMA: the EMA weights (default) or the "
+                        "raw ones")
     p.add_argument("--eval-size", type=int, default=None, help="shorter side (default: "
                    "the checkpoint's training setting, else 800)")
     p.add_argument("--keep-category-ids", action="store_true",
@@ -326,7 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resize the shorter side to this (default: the checkpoint's "
                         "evaluation size, else 800)")
     p.add_argument("--max-size", type=int, default=None,
-                   help="cap on the longer side after resizing (default: 1333/800 of --size)")
+                   help="cap on the longer side after resizing (default: the checkpoint's, "
+                        "or 1333/800 of --size)")
+    p.add_argument("--workers", type=int, default=0, help="image-reading processes")
+    p.add_argument("--weights", choices=["ema", "raw"], default="ema",
+                   help="of a run checkpoint trained with EMA: the EMA weights (default) or the "
+                        "raw ones")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_predict)
 
@@ -339,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", choices=sorted(PRESETS), help="for an original DINO .pth")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
                    help="example input traced (default: the evaluation size, 4:3)")
+    p.add_argument("--weights", choices=["ema", "raw"], default="ema",
+                   help="of a run checkpoint trained with EMA: the EMA weights (default) or the "
+                        "raw ones")
     p.add_argument("--static", action="store_true",
                    help="fix batch 2 and the example size instead of dynamic axes")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17)")
@@ -351,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from dinodet.convert import CheckpointError
+    from dinodet.weights import CheckpointError
 
     try:
         return args.func(args)

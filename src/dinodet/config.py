@@ -1,20 +1,25 @@
 """Typed configuration of the DINO detector and its named presets.
 
 A config is plain data: dataclasses that round-trip through ``to_dict`` / ``from_dict``
-(JSON or YAML), validated on the way in, so an unknown key or a bad value is an error
-that names it.
+(JSON or YAML) by way of :mod:`dinodet.settings`, checked on the way in, so an unknown key
+or a bad value is an error that names it (``hidden_dim: not divisible by num_heads=8, got
+100``). Choices (``Literal`` fields) and types are checked by the field annotations; the
+checks between values are in ``__post_init__``.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from dinodet import settings
+from dinodet.settings import coerce_fields, require
 
 BackboneName = Literal["resnet18", "resnet34", "resnet50", "resnet101", "swin_l_384"]
 DenoisingMode = Literal["contrastive", "positives_only", "off"]
 QuerySelection = Literal["mixed", "pure", "static"]
+AttentionBackend = Literal["auto", "triton", "torch"]
 
 
 @dataclass
@@ -35,6 +40,12 @@ class BackboneConfig:
     weights: str | None = None
     drop_path_rate: float = 0.2  # Swin only
     use_checkpoint: bool = False  # Swin only: gradient checkpointing
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+        levels = self.return_levels
+        require(len(levels) > 0 and set(levels) <= {0, 1, 2, 3} and list(levels) == sorted(
+            set(levels)), "return_levels", levels, "must be increasing stage indices in 0..3")
 
 
 @dataclass
@@ -67,104 +78,52 @@ class DINOConfig:
     mask_padded_proposals: bool = False
     # Post-processing.
     num_select: int = 300
+    # Multi-scale deformable attention kernels: "auto" (Triton on CUDA when installed),
+    # "triton" or "torch". None: the DINODET_MS_DEFORM_ATTN environment variable, else
+    # "auto", read when the model is built.
+    attention_backend: AttentionBackend | None = None
 
     def __post_init__(self) -> None:
-        validate(self)
+        coerce_fields(self)
+        levels = len(self.backbone.return_levels)
+        require(self.num_feature_levels >= levels, "num_feature_levels", self.num_feature_levels,
+                f"fewer than the {levels} backbone levels")
+        for key in ("num_classes", "hidden_dim", "num_heads", "enc_layers", "dec_layers",
+                    "dim_feedforward", "enc_points", "dec_points", "num_queries", "num_select"):
+            require(getattr(self, key) >= 1, key, getattr(self, key), "must be a positive integer")
+        require(self.hidden_dim % self.num_heads == 0, "hidden_dim", self.hidden_dim,
+                f"not divisible by num_heads={self.num_heads}")
+        require(self.hidden_dim % 32 == 0, "hidden_dim", self.hidden_dim,
+                "GroupNorm(32) needs a multiple of 32")
+        require(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be in [0, 1)")
+        require(0.0 <= self.dn_label_noise_ratio <= 1.0, "dn_label_noise_ratio",
+                self.dn_label_noise_ratio, "must be in [0, 1]")
+        require(self.dn_box_noise_scale >= 0, "dn_box_noise_scale", self.dn_box_noise_scale,
+                "must be >= 0")
+        require(self.dn_number >= 0, "dn_number", self.dn_number, "must be >= 0")
+        require(self.dn_labelbook_size is None or self.dn_labelbook_size >= self.num_classes,
+                "dn_labelbook_size", self.dn_labelbook_size,
+                f"smaller than num_classes={self.num_classes}")
 
     @property
     def labelbook_size(self) -> int:
+        """Rows of the denoising label table minus one (``num_classes`` unless set)."""
         return self.num_classes if self.dn_labelbook_size is None else self.dn_labelbook_size
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["backbone"]["return_levels"] = list(self.backbone.return_levels)
-        return d
+        """Plain, JSON-serialisable data (tuples become lists)."""
+        return settings.to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DINOConfig:
-        return _from_dict(cls, data, "")
+        """The inverse of :meth:`to_dict`, with every key and value checked."""
+        return settings.from_dict(cls, data)
 
     def replace(self, **changes: Any) -> DINOConfig:
-        """A copy with top-level fields changed (``backbone`` may be a dict of changes)."""
-        d = self.to_dict()
-        bb = changes.pop("backbone", None)
-        if isinstance(bb, dict):
-            d["backbone"].update(bb)
-        elif isinstance(bb, BackboneConfig):
-            d["backbone"] = dataclasses.asdict(bb)
-        d.update(changes)
-        return DINOConfig.from_dict(d)
-
-
-def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ValueError(f"config section {prefix or '<root>'!r} must be a mapping, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ValueError(
-            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
-            f"known: {', '.join(sorted(fields))}")
-    kwargs: dict[str, Any] = {}
-    for name, value in data.items():
-        if name == "backbone" and cls is DINOConfig:
-            value = _from_dict(BackboneConfig, value, "backbone.")
-        elif name == "return_levels":
-            value = tuple(value)
-        kwargs[name] = value
-    return cls(**kwargs)
-
-
-_CHOICES = {
-    "name": BackboneName.__args__,  # type: ignore[attr-defined]
-    "denoising": DenoisingMode.__args__,  # type: ignore[attr-defined]
-    "query_selection": QuerySelection.__args__,  # type: ignore[attr-defined]
-}
-
-
-def validate(cfg: DINOConfig) -> None:
-    """Raise ValueError naming the first key whose value cannot work."""
-
-    def bad(key: str, value: Any, why: str) -> ValueError:
-        return ValueError(f"config key {key!r} has bad value {value!r}: {why}")
-
-    bb = cfg.backbone
-    if isinstance(bb, dict):
-        raise bad("backbone", bb, "use DINOConfig.from_dict for nested dicts")
-    if bb.name not in _CHOICES["name"]:
-        raise bad("backbone.name", bb.name, f"choose one of {_CHOICES['name']}")
-    for key in ("denoising", "query_selection"):
-        if getattr(cfg, key) not in _CHOICES[key]:
-            raise bad(key, getattr(cfg, key), f"choose one of {_CHOICES[key]}")
-    levels = tuple(bb.return_levels)
-    if not levels or any(lv not in (0, 1, 2, 3) for lv in levels) or list(levels) != sorted(
-            set(levels)):
-        raise bad("backbone.return_levels", levels, "increasing stage indices in 0..3")
-    if cfg.num_feature_levels < len(levels):
-        raise bad("num_feature_levels", cfg.num_feature_levels,
-                  f"fewer than the {len(levels)} backbone levels")
-    positive = ("num_classes", "hidden_dim", "num_heads", "enc_layers", "dec_layers",
-                "dim_feedforward", "enc_points", "dec_points", "num_queries", "num_select",
-                "num_feature_levels")
-    for key in positive:
-        value = getattr(cfg, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise bad(key, value, "must be a positive integer")
-    if cfg.hidden_dim % cfg.num_heads:
-        raise bad("hidden_dim", cfg.hidden_dim, f"not divisible by num_heads={cfg.num_heads}")
-    if cfg.hidden_dim % 32:
-        raise bad("hidden_dim", cfg.hidden_dim, "GroupNorm(32) needs a multiple of 32")
-    if not 0.0 <= cfg.dropout < 1.0:
-        raise bad("dropout", cfg.dropout, "must be in [0, 1)")
-    if not 0.0 <= cfg.dn_label_noise_ratio <= 1.0:
-        raise bad("dn_label_noise_ratio", cfg.dn_label_noise_ratio, "must be in [0, 1]")
-    if cfg.dn_box_noise_scale < 0:
-        raise bad("dn_box_noise_scale", cfg.dn_box_noise_scale, "must be >= 0")
-    if cfg.dn_number < 0:
-        raise bad("dn_number", cfg.dn_number, "must be >= 0")
-    if cfg.dn_labelbook_size is not None and cfg.dn_labelbook_size < cfg.num_classes:
-        raise bad("dn_labelbook_size", cfg.dn_labelbook_size,
-                  f"smaller than num_classes={cfg.num_classes}")
+        """A copy with fields changed (``backbone`` may be a dict of changes or a config)."""
+        tree = self.to_dict()
+        settings.merge(tree, DINOConfig, changes)
+        return DINOConfig.from_dict(tree)
 
 
 def _r50(levels: tuple[int, ...]) -> DINOConfig:

@@ -14,7 +14,8 @@ resize is not (every runtime has its own). The deformable attention is traced th
 ``grid_sample`` form (ONNX GridSample, opset 16+), never a custom kernel, and denoising
 is off. Images of one batch share a size (no padding mask), as a runtime batch does.
 
-The class table, ``eval_size`` and ``max_size`` travel in the file: ONNX ``metadata_props``
+The class table and the :class:`~dinodet.data.EvalTransform` (``eval_size``, ``max_size``,
+``mean``, ``std``) travel in the file: ONNX ``metadata_props``
 (key ``dinodet``, JSON) and, for ``torch.export``, the archive's extra file
 ``dinodet.json``; :func:`read_metadata` reads either.
 """
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dinodet.data.transforms import EvalTransform
 from dinodet.model.postprocess import select_top
 
 __all__ = ["EXPORT_FORMATS", "ExportGraph", "ExportedModel", "compare_detections",
@@ -44,16 +46,18 @@ OUTPUT_NAMES = ["boxes", "scores", "labels"]
 class ExportGraph(nn.Module):
     """RGB [0, 1] images -> (boxes, scores, labels); see the module docstring."""
 
-    def __init__(self, model: nn.Module, num_select: int | None = None) -> None:
+    def __init__(self, model: nn.Module, num_select: int | None = None,
+                 transform: EvalTransform | None = None) -> None:
         super().__init__()
-        from dinodet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
+        transform = transform or EvalTransform()
         self.model = model.eval()
         cfg = getattr(model, "cfg", None)
-        self.num_select = int(num_select or getattr(cfg, "num_select", 300))
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
+        self.num_select = int(num_select or getattr(cfg, "num_select", None) or 300)
+        self.mean: Tensor
+        self.std: Tensor
+        self.register_buffer("mean", torch.tensor(transform.mean).view(1, 3, 1, 1),
                              persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1),
+        self.register_buffer("std", torch.tensor(transform.std).view(1, 3, 1, 1),
                              persistent=False)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -69,18 +73,18 @@ class ExportGraph(nn.Module):
         return xyxy, scores, labels
 
 
-def _metadata(classes: list[dict[str, Any]] | None, eval_size: int | None,
-              max_size: int | None, num_classes: int, variant: str | None) -> dict[str, Any]:
+def _metadata(classes: list[dict[str, Any]] | None, transform: EvalTransform,
+              num_classes: int, variant: str | None) -> dict[str, Any]:
     return {"format_version": 1, "input": "float32 [B, 3, H, W] RGB in [0, 1]",
             "outputs": OUTPUT_NAMES, "classes": classes, "num_classes": num_classes,
-            "eval_size": eval_size, "max_size": max_size, "variant": variant}
+            **transform.metadata(), "variant": variant}
 
 
 def export_model(model: nn.Module, out: str | Path, fmt: str = "onnx", *,
                  example_size: tuple[int, int] = (800, 1088), batch_size: int = 1,
                  dynamic: bool = True, opset: int = DEFAULT_OPSET,
-                 classes: list[dict[str, Any]] | None = None, eval_size: int | None = None,
-                 max_size: int | None = None, num_select: int | None = None,
+                 classes: list[dict[str, Any]] | None = None,
+                 transform: EvalTransform | None = None, num_select: int | None = None,
                  variant: str | None = None) -> Path:
     """Trace ``model`` (a :class:`~dinodet.model.DINO`) and write it to ``out``.
 
@@ -90,7 +94,9 @@ def export_model(model: nn.Module, out: str | Path, fmt: str = "onnx", *,
         example_size: (H, W) of the example traced; with ``dynamic`` any other size runs
             too, as long as the image yields at least ``num_queries`` encoder tokens.
         batch_size: the example's batch (at least 2 with ``dynamic``, which keeps B free).
-        classes / eval_size / max_size: stored as metadata (see :func:`read_metadata`).
+        classes / transform: stored as metadata (see :func:`read_metadata`); the
+            transform's mean and std normalise inside the graph, its sizes tell a runtime
+            how to resize (:meth:`EvalTransform.from_metadata`).
     Returns:
         The path written.
     """
@@ -105,7 +111,8 @@ def export_model(model: nn.Module, out: str | Path, fmt: str = "onnx", *,
                          "(at least 1 image of 64x64)")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    graph = ExportGraph(model, num_select).eval()
+    transform = transform or EvalTransform()
+    graph = ExportGraph(model, num_select, transform).eval()
     param = next(model.parameters())
     if dynamic:  # a size-1 example would fix B to 1 (tracing specialises sizes 0 and 1)
         batch_size = max(batch_size, 2)
@@ -115,8 +122,7 @@ def export_model(model: nn.Module, out: str | Path, fmt: str = "onnx", *,
         any_size = torch.export.Dim.DYNAMIC
         dims = {"images": {0: any_size, 2: any_size, 3: any_size}}
     cfg = getattr(model, "cfg", None)
-    meta = _metadata(classes, eval_size, max_size, int(getattr(cfg, "num_classes", 0)),
-                     variant)
+    meta = _metadata(classes, transform, int(getattr(cfg, "num_classes", 0)), variant)
     with torch.no_grad():
         if fmt == "torch-export":
             program = torch.export.export(graph, (example,), dynamic_shapes=dims)

@@ -8,7 +8,7 @@ and PIL images with an EXIF orientation).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,17 +17,16 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch import Tensor
+from torch.utils.data import Dataset
+
+from dinodet.data.coco import SkippedImage
+from dinodet.data.transforms import EvalTransform
+from dinodet.structures import ImageBatch
+from dinodet.weights import WeightsChoice, load_model
 
 __all__ = ["IMAGE_EXTENSIONS", "Detections", "Detector", "ImageReadError", "load_image"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-DEFAULT_EVAL_SIZE = 800
-
-
-def default_max_size(eval_size: int) -> int:
-    """The longer-side cap that goes with a shorter side: COCO's 1333 for 800, in scale."""
-    return round(1333 / 800 * eval_size)
-
 
 ImageInput = str | Path | Image.Image | np.ndarray | Tensor
 
@@ -178,26 +177,26 @@ def load_image(image: ImageInput) -> Tensor:
 class Detector:
     """A model ready for images: preprocessing, batching, devices and class names.
 
-    >>> det = Detector.from_pretrained("runs/exp/checkpoint_best.pt")
+    >>> det = Detector.from_pretrained("runs/exp/best.pt")
     >>> found = det("street.jpg", threshold=0.5)
     >>> found.boxes, found.names
+
+    Every image goes through ``transform`` (an :class:`~dinodet.data.EvalTransform`, the
+    one evaluation uses: shorter side ``size``, longer side at most ``max_size``), so a
+    50-megapixel photo runs at the model's size and its boxes come back in its pixels.
     """
 
     def __init__(self, model: torch.nn.Module, classes: list[dict[str, Any]] | None = None,
-                 eval_size: int | None = None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, max_size: int | None = None) -> None:
+                 transform: EvalTransform | None = None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
         self.device = torch.device(device)
         self.dtype = dtype
         self.model = model.eval().to(self.device)
-        # Every image is resized to this shorter side, its longer side capped at max_size
-        # (images far larger than the model's training size are scaled down, not tiled).
-        self.eval_size = int(eval_size or DEFAULT_EVAL_SIZE)
-        self.max_size = int(max_size or default_max_size(self.eval_size))
-        if self.eval_size < 32 or self.max_size < self.eval_size:
-            raise ValueError(f"eval_size {self.eval_size} / max_size {self.max_size}: need "
-                             "eval_size >= 32 and max_size >= eval_size")
+        self.transform = transform if transform is not None else EvalTransform()
+        if self.transform.size < 32:
+            raise ValueError(f"eval size {self.transform.size}: need at least 32 pixels")
         self.num_select = int(getattr(getattr(model, "cfg", None), "num_select", 300))
         num_classes = int(getattr(getattr(model, "cfg", None), "num_classes", 0))
         self.class_names = [str(i) for i in range(num_classes)]
@@ -211,41 +210,33 @@ class Detector:
                                                                label + 1)]
                 self.class_names[label] = str(c.get("name", label))
                 self.label_to_category_id[label] = int(c.get("category_id", label))
-        from dinodet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
-        self._mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, variant: str | None = None,
                         device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32, eval_size: int | None = None,
-                        max_size: int | None = None) -> Detector:
-        """A training checkpoint (.pt), a model directory, or an original DINO .pth with
-        ``variant``; see :func:`dinodet.engine.run.load_model`. ``eval_size`` (shorter
-        side) defaults to the one the checkpoint was evaluated at, else 800; ``max_size``
-        (longer side) to 1333/800 of it."""
-        from dinodet.engine.run import load_model
+                        max_size: int | None = None, weights: WeightsChoice = "ema"
+                        ) -> Detector:
+        """A run checkpoint (.pt), a model directory, or an original DINO .pth with
+        ``variant`` (see :func:`dinodet.weights.load_model`; ``weights`` picks the EMA or
+        raw weights of a run checkpoint). The transform is the one the model was
+        evaluated with (800 px where unknown); ``eval_size`` / ``max_size`` change it
+        (:meth:`EvalTransform.with_sizes`)."""
+        loaded = load_model(path, variant, weights)
+        return cls(loaded.model, loaded.classes, loaded.transform.with_sizes(eval_size, max_size),
+                   device, dtype)
 
-        loaded = load_model(path, variant)
-        return cls(loaded.model, loaded.classes, eval_size or loaded.eval_size, device, dtype,
-                   max_size=max_size)
+    @property
+    def eval_size(self) -> int:
+        return self.transform.size
+
+    @property
+    def max_size(self) -> int:
+        return self.transform.max_limit
 
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
-        """(h, w) an image is resized to: the shorter side to ``eval_size``, unless the
-        longer would exceed ``max_size``, which then caps it (torchvision's rounding)."""
-        short, long = min(height, width), max(height, width)
-        new_short, new_long = self.eval_size, int(self.eval_size * long / short)
-        if new_long > self.max_size:
-            new_short, new_long = int(self.max_size * new_short / new_long), self.max_size
-        return (new_long, new_short) if width <= height else (new_short, new_long)
-
-    def preprocess(self, image: Tensor) -> Tensor:
-        """RGB uint8 [3, H, W] -> resized, normalised float [3, h, w]."""
-        from torchvision.transforms.v2 import functional as F
-
-        resized = F.resize(image, list(self.resized_size(*image.shape[-2:])), antialias=True)
-        return (resized.float() / 255 - self._mean) / self._std
+        """(h, w) an image of (``height``, ``width``) is resized to."""
+        return self.transform.output_size(height, width)
 
     def __call__(self, images: ImageInput | Sequence[ImageInput], threshold: float = 0.3,
                  batch_size: int = 4) -> Detections | list[Detections]:
@@ -257,23 +248,47 @@ class Detector:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         single = not isinstance(images, (list, tuple))
-        items = [images] if single else list(images)  # load_image rejects unknown types
+        # load_image rejects unknown types
+        items: list[Any] = [images] if single else list(images)  # type: ignore[arg-type]
         results: list[Detections] = []
         for start in range(0, len(items), batch_size):
             batch = [load_image(x) for x in items[start:start + batch_size]]
-            results += self._detect(batch, threshold)
+            results += self.detect_batch(ImageBatch.from_images([self.transform(im)
+                                                                 for im in batch]),
+                                         [(int(im.shape[1]), int(im.shape[2])) for im in batch],
+                                         threshold)
         return results[0] if single else results
 
+    def detect_files(self, files: Sequence[str | Path], threshold: float = 0.3,
+                     batch_size: int = 4, num_workers: int = 0
+                     ) -> Iterator[tuple[str, Detections | ImageReadError]]:
+        """(file, Detections) for every image file, in order, read and transformed by
+        ``num_workers`` loader processes; an unreadable file yields (file,
+        ImageReadError), before the others of its batch, and the others go on."""
+        from dinodet.data.collate import build_loader
+
+        loader = build_loader(ImageFiles(files, self.transform), batch_size, train=False,
+                              num_workers=num_workers)
+        for batch in loader:
+            for skipped in batch.skipped:  # read again here for the reason (workers drop it)
+                yield skipped, _read_error(skipped)
+            found = (self.detect_batch(batch.images, [t["orig_size"] for t in batch.targets],
+                                       threshold) if batch.targets else [])
+            for target, detections in zip(batch.targets, found):
+                yield target["file"], detections
+
     @torch.inference_mode()
-    def _detect(self, images: list[Tensor], threshold: float) -> list[Detections]:
+    def detect_batch(self, images: ImageBatch, sizes: Sequence[tuple[int, int]],
+                     threshold: float = 0.3) -> list[Detections]:
+        """Detections of an already transformed, padded batch; ``sizes``: the (h, w) of
+        every original image, which the boxes are scaled and clipped to."""
         from dinodet.model.postprocess import postprocess
 
-        sizes = [(int(im.shape[1]), int(im.shape[2])) for im in images]
-        inputs = [self.preprocess(im).to(self.device) for im in images]
         with torch.autocast(self.device.type, dtype=self.dtype,
                             enabled=self.dtype != torch.float32):
-            outputs = self.model(inputs)
+            outputs = self.model(images.to(self.device))
         outputs = {k: outputs[k].float() for k in ("pred_logits", "pred_boxes")}
+        sizes = [(int(h), int(w)) for h, w in sizes]
         found = postprocess(outputs, torch.tensor(sizes, device=self.device), self.num_select)
         results = []
         for r, (h, w) in zip(found, sizes):
@@ -286,3 +301,32 @@ class Detector:
                                       list(self.class_names), (h, w),
                                       self.label_to_category_id))
         return results
+
+
+def _read_error(file: str) -> ImageReadError:
+    try:
+        load_image(file)
+    except ImageReadError as e:
+        return e
+    return ImageReadError(f"cannot read image {file}")  # readable now: it changed since
+
+
+class ImageFiles(Dataset):
+    """Image files as a dataset for :func:`~dinodet.data.build_loader`: item ``i`` is
+    ``(transformed image, {"orig_size": (h, w), "file": path})`` as the COCO dataset's
+    samples are, or a :class:`~dinodet.data.SkippedImage` for a file that cannot be read."""
+
+    def __init__(self, files: Sequence[str | Path], transform: EvalTransform) -> None:
+        self.files = [str(f) for f in files]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, dict[str, Any]] | SkippedImage:
+        try:
+            image = load_image(self.files[i])
+        except ImageReadError as e:
+            return SkippedImage(self.files[i], str(e))
+        size = (int(image.shape[1]), int(image.shape[2]))
+        return self.transform(image), {"orig_size": size, "file": self.files[i]}

@@ -29,18 +29,20 @@ def draw_detections(image: Tensor | Image.Image, boxes: Tensor, labels: Tensor, 
     if isinstance(image, Image.Image):
         from torchvision.transforms.v2.functional import pil_to_tensor
 
-        image = pil_to_tensor(image.convert("RGB"))
-    if image.dtype != torch.uint8:
-        raise TypeError(f"draw_detections needs a uint8 image, got {image.dtype}")
+        pixels = pil_to_tensor(image.convert("RGB"))
+    else:
+        pixels = image
+    if pixels.dtype != torch.uint8:
+        raise TypeError(f"draw_detections needs a uint8 image, got {pixels.dtype}")
     names = [class_names[int(lab)] if class_names is not None and int(lab) < len(class_names)
              else str(int(lab)) for lab in labels]
     captions = [f"{n} {float(s):.2f}" for n, s in zip(names, scores)]
     colours = [class_colour(int(lab)) for lab in labels]
     if len(boxes):
-        image = draw_bounding_boxes(image, boxes.float().cpu(), labels=captions,
-                                    colors=colours, width=width, fill_labels=True,
-                                    label_colors="black")
-    return Image.fromarray(image.permute(1, 2, 0).numpy())
+        pixels = draw_bounding_boxes(pixels, boxes.float().cpu(), labels=captions,
+                                     colors=colours, width=width, fill_labels=True,
+                                     label_colors="black")
+    return Image.fromarray(pixels.permute(1, 2, 0).numpy())
 
 
 def save_detections(path: str | Path, image: Tensor | Image.Image, boxes: Tensor,

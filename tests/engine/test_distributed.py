@@ -94,33 +94,37 @@ def test_unwrap_model():
     assert d.unwrap_model(inner) is inner
 
 
-@pytest.fixture
-def restore_determinism():
-    before = (torch.are_deterministic_algorithms_enabled(),
-              torch.is_deterministic_algorithms_warn_only_enabled(),
-              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
-              os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
-    yield
-    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2:4]
-    if before[4] is None:
-        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
-    else:
-        os.environ["CUBLAS_WORKSPACE_CONFIG"] = before[4]
+def _determinism() -> tuple:
+    return (torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+            os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
 
 
-def test_seed_everything(restore_determinism):
+def test_seed_everything():
     def draw():
         return torch.rand(3).tolist(), np.random.rand(2).tolist(), random.random()
 
+    before = _determinism()
     assert d.seed_everything(7) == 7
     first = draw()
     d.seed_everything(7)
     assert draw() == first
     assert d.seed_everything(7, rank=1) == 8
     assert draw() != first  # ranks draw different augmentations
-    d.seed_everything(7, deterministic=True)
-    assert torch.are_deterministic_algorithms_enabled()
-    assert torch.is_deterministic_algorithms_warn_only_enabled()
-    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
-    assert os.environ["CUBLAS_WORKSPACE_CONFIG"]
+    assert _determinism() == before  # seeding alone switches no kernels
+
+
+def test_deterministic_algorithms_are_scoped():
+    before = _determinism()
+    with d.deterministic_algorithms(True):
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"]
+    assert _determinism() == before  # everything it changed is back
+    with d.deterministic_algorithms(False):
+        assert _determinism() == before
+    with pytest.raises(RuntimeError), d.deterministic_algorithms(True):
+        raise RuntimeError("restored on the way out of an error too")
+    assert _determinism() == before

@@ -27,9 +27,9 @@ TINY_MODEL = ["model.hidden_dim=64", "model.num_heads=4", "model.enc_layers=1",
 
 
 def _sizes(size: int) -> list[str]:
-    return [f"data.scales=[{size}]", f"data.max_size={2 * size}",
-            f"data.crop_resize_scales=[{size}]", f"data.crop_min={size}",
-            f"data.crop_max={size}", f"data.eval_size={size}", "data.num_workers=0"]
+    return [f"data.transform.{key}={value}" for key, value in (
+        ("scales", [size]), ("max_size", 2 * size), ("crop_resize_scales", [size]),
+        ("crop_min", size), ("crop_max", size), ("eval_size", size))] + ["data.num_workers=0"]
 
 
 @pytest.fixture(scope="module")

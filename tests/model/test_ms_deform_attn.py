@@ -214,9 +214,51 @@ def test_module_against_reference(ref_dim, monkeypatch):
         # Small chunks of queries in the fused path.
         monkeypatch.setattr(msda, "_CPU_CHUNK_CORNERS", 2 * 2 * 3 * 6 * 4)
         torch.testing.assert_close(attn(query, ref, value, shapes, mask), want, atol=1e-12, rtol=0)
-        # The module calls ms_deform_attn as it finds it at call time (not fused then).
-        monkeypatch.setattr(msda, "ms_deform_attn", ms_deform_attn_grid_sample)
-        torch.testing.assert_close(attn(query, ref, value, shapes, mask), want, atol=1e-12, rtol=0)
+        # A callable backend replaces the sampling (not fused then).
+        for fn in (ms_deform_attn_grid_sample, ms_deform_attn):
+            attn.backend = fn
+            torch.testing.assert_close(attn(query, ref, value, shapes, mask), want, atol=1e-12,
+                                       rtol=0)
+
+
+def test_callable_backend_gets_the_shapes_and_its_result_is_used(monkeypatch):
+    monkeypatch.delenv(msda.ENV_VAR, raising=False)
+    attn = random_module()  # dim 12, 3 levels, 3 heads, 2 points
+    shapes = [(3, 4), (2, 5), (1, 2)]
+    s = sum(h * w for h, w in shapes)
+    g = torch.Generator().manual_seed(5)
+    query = torch.randn(2, 7, 12, generator=g, dtype=F64)
+    value = torch.randn(2, s, 12, generator=g, dtype=F64)
+    calls = []
+
+    def backend(v, spatial_shapes, locations, weights):
+        calls.append((v.shape, spatial_shapes, locations.shape, weights.shape))
+        return torch.full((2, 7, 12), 3.0, dtype=F64)
+
+    for ref_dim in (2, 4):
+        ref = torch.rand(2, 7, 3, ref_dim, generator=g, dtype=F64)
+        attn.backend = backend
+        with torch.no_grad():
+            got = attn(query, ref, value, shapes)
+            want = attn.output_proj(torch.full((2, 7, 12), 3.0, dtype=F64))
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+        assert calls.pop() == ((2, s, 3, 4), shapes, (2, 7, 3, 3, 2, 2), (2, 7, 3, 3, 2))
+    # The environment variable is a default read when the module is built, never at call
+    # time: a bad value set afterwards changes nothing.
+    monkeypatch.setenv(msda.ENV_VAR, "no-such-backend")
+    attn(query, ref, value, shapes)
+    assert calls and attn.backend is backend
+    attn.backend = "torch"
+    attn(query, ref, value, shapes)
+    assert attn.backend == "torch" and len(calls) == 1
+    # A callable that is an nn.Module stays out of the module tree (and the state dict).
+    keys = set(attn.state_dict())
+    attn.backend = torch.nn.Identity()
+    assert set(attn.state_dict()) == keys and isinstance(attn.backend, torch.nn.Identity)
+    with pytest.raises(ValueError, match="'fast'"):
+        attn.backend = "fast"
+    with pytest.raises(ValueError, match="'fast'"):
+        MSDeformAttn(12, 3, 3, 2, backend="fast")
 
 
 def test_module_gradcheck():

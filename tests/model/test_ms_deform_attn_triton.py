@@ -30,10 +30,8 @@ SHAPES = [(3, 5), (2, 7), (1, 1), (4, 2), (5, 3)]  # non-square, a 1×1 level, t
 
 @pytest.fixture(autouse=True)
 def _default_backend(monkeypatch):
+    """Modules built in a test default to "auto" whatever the caller's environment."""
     monkeypatch.delenv(msda.ENV_VAR, raising=False)
-    msda.set_backend(None)
-    yield
-    msda.set_backend(None)
 
 
 def make_inputs(levels, heads, points, d, *, n=2, lq=5, seed=0, kinks=False):
@@ -209,34 +207,40 @@ def nondeterministic():
 def test_backend_selection(monkeypatch, nondeterministic):
     cpu = torch.zeros(1, 6, 2, 4)
     cuda = fake_cuda_values()
-    assert msda.get_backend() == "auto"
-    assert not msda.uses_triton(cpu) and msda.uses_triton(cuda)
-    assert not msda.uses_triton(cuda.double())  # float64 stays exact
+    assert msda.resolve_backend(None) == "auto" and MSDeformAttn(8, 1, 2, 1).backend == "auto"
+    assert not msda.uses_triton(cpu, "auto") and msda.uses_triton(cuda, "auto")
+    assert not msda.uses_triton(cuda.double(), "auto")  # float64 stays exact
     torch.use_deterministic_algorithms(True)  # restored by the fixture
     # atomics in the kernels' backward: deterministic runs keep the PyTorch path
-    assert not msda.uses_triton(cuda)
+    assert not msda.uses_triton(cuda, "auto")
     torch.use_deterministic_algorithms(False)
-    with msda.backend("torch"):
-        assert not msda.uses_triton(cuda)
-    with msda.backend("triton"):
-        assert msda.uses_triton(cpu) and msda.uses_triton(cuda.half())
-        assert not msda.uses_triton(cpu.double())
-    assert msda.get_backend() == "auto"
+    assert not msda.uses_triton(cuda, "torch")
+    assert msda.uses_triton(cpu, "triton") and msda.uses_triton(cuda.half(), "triton")
+    assert not msda.uses_triton(cpu.double(), "triton")
+    assert not msda.uses_triton(cuda, ms_deform_attn)  # a callable replaces both paths
+    # The environment variable is the default when a module is built; an explicit backend
+    # overrides it.
     monkeypatch.setenv(msda.ENV_VAR, "triton")
-    assert msda.get_backend() == "triton" and msda.uses_triton(cpu)
-    msda.set_backend("torch")  # set_backend overrides the environment
-    assert not msda.uses_triton(cuda)
-    msda.set_backend(None)
+    attn = MSDeformAttn(8, 1, 2, 1)
+    assert attn.backend == "triton" and msda.uses_triton(cpu, attn.backend)
+    assert MSDeformAttn(8, 1, 2, 1, backend="torch").backend == "torch"
+    assert MSDeformAttn(8, 1, 2, 1, backend="auto").backend == "auto"
     monkeypatch.setenv(msda.ENV_VAR, "cuda")
-    with pytest.raises(ValueError, match="unknown"):
-        msda.get_backend()
-    with pytest.raises(ValueError, match="unknown"):
-        msda.set_backend("fast")
+    with pytest.raises(ValueError, match=rf"unknown.*'cuda'.*{msda.ENV_VAR}"):
+        MSDeformAttn(8, 1, 2, 1)
+    assert attn.backend == "triton"  # built modules do not read it again
     monkeypatch.delenv(msda.ENV_VAR)
+    with pytest.raises(ValueError, match=r"unknown.*'fast'.*'auto', 'triton', 'torch'"):
+        MSDeformAttn(8, 1, 2, 1, backend="fast")
+    with pytest.raises(ValueError, match=r"unknown.*'fast'"):
+        attn.backend = "fast"
+    assert attn.backend == "triton"  # unchanged by the failed assignment
     monkeypatch.setattr(mst, "AVAILABLE", False)
-    assert not msda.uses_triton(cuda)  # auto without triton: the PyTorch path
+    assert not msda.uses_triton(cuda, "auto")  # auto without triton: the PyTorch path
     with pytest.raises(RuntimeError, match="needs triton installed"):
-        msda.set_backend("triton")
+        MSDeformAttn(8, 1, 2, 1, backend="triton")
+    with pytest.raises(RuntimeError, match="needs triton installed"):
+        attn.backend = "triton"
 
 
 def random_module(dim=18, levels=3, heads=3, points=2, seed=0):
@@ -276,16 +280,17 @@ def test_module_uses_op_and_matches(device, ref_dim, monkeypatch):
     calls = []
     op = mst.ms_deform_attn_triton
     monkeypatch.setattr(mst, "ms_deform_attn_triton", lambda *a: calls.append(1) or op(*a))
-    with msda.backend("torch"):
-        want = module_output_and_grads(attn, inputs, shapes, mask)
+    attn.backend = "torch"
+    want = module_output_and_grads(attn, inputs, shapes, mask)
     assert not calls
-    with msda.backend("triton"):
-        got = module_output_and_grads(attn, inputs, shapes, mask)
+    attn.backend = "triton"
+    got = module_output_and_grads(attn, inputs, shapes, mask)
     assert calls
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
     # auto: the op on CUDA only.
     calls.clear()
+    attn.backend = "auto"
     module_output_and_grads(attn, inputs, shapes, mask)
     assert bool(calls) == (device == "cuda")
 
@@ -297,13 +302,15 @@ def test_module_bfloat16_and_export_branch(monkeypatch):
     with torch.no_grad():
         want = attn(*inputs, shapes, mask)
         attn16 = random_module().to(torch.bfloat16)
-        with msda.backend("triton"):
-            got = attn16(*(t.to(torch.bfloat16) for t in inputs), shapes, mask)
-            assert got.dtype == torch.bfloat16
-            assert (got.float() - want).norm() < 3e-2 * want.norm()
-            # Exporting takes grid_sample whatever the backend.
-            monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
-            monkeypatch.setattr(mst, "ms_deform_attn_triton", None)  # would raise if called
+        attn16.backend = "triton"
+        got = attn16(*(t.to(torch.bfloat16) for t in inputs), shapes, mask)
+        assert got.dtype == torch.bfloat16
+        assert (got.float() - want).norm() < 3e-2 * want.norm()
+        # Exporting takes grid_sample whatever the backend.
+        monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+        monkeypatch.setattr(mst, "ms_deform_attn_triton", None)  # would raise if called
+        for backend in ("triton", lambda *a: None):  # the callable would fail if called
+            attn.backend = backend
             torch.testing.assert_close(attn(*inputs, shapes, mask), want, rtol=1e-5, atol=1e-5)
 
 
@@ -315,11 +322,11 @@ def test_compile_fullgraph(device):
     torch._dynamo.reset()
     attn = random_module().to(device)
     inputs, shapes, mask = module_inputs(2, device=device)
-    with msda.backend("triton"):
-        want = module_output_and_grads(attn, inputs, shapes, mask)
-        counter = CompileCounterWithBackend("aot_eager")
-        compiled = torch.compile(attn, fullgraph=True, backend=counter)
-        got = module_output_and_grads(compiled, inputs, shapes, mask)
+    attn.backend = "triton"
+    want = module_output_and_grads(attn, inputs, shapes, mask)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(attn, fullgraph=True, backend=counter)
+    got = module_output_and_grads(compiled, inputs, shapes, mask)
     assert counter.frame_count == 1
     assert "dinodet.ms_deform_attn" in counter.graphs[0].code
     for a, b in zip(got, want):
@@ -331,15 +338,20 @@ def test_imports_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"  # makes `import triton` fail
         "import torch, dinodet.model.ms_deform_attn as m\n"
-        "assert not m.ms_deform_attn_triton.AVAILABLE and m.get_backend() == 'auto'\n"
+        "assert not m.ms_deform_attn_triton.AVAILABLE and m.resolve_backend(None) == 'auto'\n"
         "attn = m.MSDeformAttn(8, 1, 2, 1)\n"
+        "assert attn.backend == 'auto'\n"
         "attn(torch.randn(1, 3, 8), torch.rand(1, 3, 1, 2), torch.randn(1, 6, 8), [(2, 3)])\n"
-        "try:\n"
-        "    m.set_backend('triton')\n"
-        "except RuntimeError as e:\n"
-        "    assert 'needs triton installed' in str(e)\n"
-        "else:\n"
-        "    raise AssertionError('no error')\n"
+        "import os\n"
+        "for backend, env in (('triton', None), (None, 'triton')):\n"
+        "    if env:\n"
+        f"        os.environ['{msda.ENV_VAR}'] = env\n"
+        "    try:\n"
+        "        m.MSDeformAttn(8, 1, 2, 1, backend=backend)\n"
+        "    except RuntimeError as e:\n"
+        "        assert 'needs triton installed' in str(e)\n"
+        "    else:\n"
+        "        raise AssertionError('no error')\n"
     )
     env = {k: v for k, v in os.environ.items() if k != msda.ENV_VAR}
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env=env)

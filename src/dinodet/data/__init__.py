@@ -2,7 +2,8 @@
 
     CocoDetection(ann_file, image_dir, transforms=None, keep_category_ids=False, strict=False)
     build_transforms(train, cfg=TransformConfig())
-    build_loader(dataset, batch_size, train, num_workers, distributed=False, seed=0)
+    build_loader(dataset, batch_size, train, num_workers, seed, rank, world_size, epoch, ...)
+    EvalTransform(size, max_size)   the inference resize + normalisation
     collate_fn(samples) -> Batch(images: ImageBatch, targets, skipped)
     make_synthetic_coco(out_dir, num_train, num_val, image_size, num_classes, seed)
 """
@@ -16,14 +17,16 @@ from dinodet.data.coco import (
     SkippedImageWarning,
     load_rgb_image,
 )
-from dinodet.data.collate import Batch, build_loader, collate_fn, seed_worker
+from dinodet.data.collate import Batch, EpochSampler, build_loader, collate_fn, seed_worker
 from dinodet.data.synthetic import make_synthetic_coco
-from dinodet.data.transforms import TransformConfig, build_transforms
+from dinodet.data.transforms import EvalTransform, TransformConfig, build_transforms
 
 __all__ = [
     "AnnotationWarning",
     "Batch",
     "CocoDetection",
+    "EpochSampler",
+    "EvalTransform",
     "SkippedImage",
     "SkippedImageWarning",
     "TransformConfig",

@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import (
-    DataLoader,
-    Dataset,
-    DistributedSampler,
-    RandomSampler,
-    SequentialSampler,
-)
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dinodet.data.coco import Sample, SkippedImage
 from dinodet.structures import ImageBatch
 
-__all__ = ["Batch", "build_loader", "collate_fn", "seed_worker"]
+__all__ = ["Batch", "EpochSampler", "build_loader", "collate_fn", "seed_worker"]
 
 
 def _map_tensors(target: dict[str, Any], fn: Any) -> dict[str, Any]:
@@ -98,43 +92,70 @@ def seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
 
 
-def build_loader(
-    dataset: Dataset,
-    batch_size: int,
-    train: bool,
-    num_workers: int = 0,
-    distributed: bool = False,
-    seed: int = 0,
-    drop_last: bool | None = None,
-) -> DataLoader:
-    """A DataLoader of :class:`Batch` es.
+class EpochSampler(Sampler[int]):
+    """This rank's indices of one epoch: shuffled from (``seed``, epoch) or in order, split
+    over ``world`` ranks, optionally starting ``skip`` samples in (a run resumed part-way
+    through an epoch sees exactly the samples it had not trained on).
 
-    Training shuffles (reproducibly for a ``seed``), evaluation keeps the dataset's
-    order. With ``distributed`` the samples are split over ranks by a
-    ``DistributedSampler``: call ``loader.sampler.set_epoch(epoch)`` every epoch so the
-    shuffle changes. ``drop_last`` defaults to ``train``.
+    ``drop_last`` drops the tail that does not divide by ``world``; otherwise the order is
+    padded with its first indices so that every rank gets as many (evaluation drops the
+    repeated images when it gathers).
+    """
 
-    Augmentations draw from torch's generator; in worker processes it is seeded from
-    ``seed`` (and the rank), with ``num_workers=0`` seed the main process yourself.
+    def __init__(self, size: int, shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1,
+                 drop_last: bool = False) -> None:
+        self.size, self.shuffle, self.seed = size, shuffle, seed
+        self.rank, self.world, self.drop_last = rank, world, drop_last
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.size, generator=g).tolist()
+        else:
+            order = list(range(self.size))
+        if self.drop_last:
+            order = order[: len(order) - len(order) % self.world]
+        else:
+            order += order[: (-len(order)) % self.world]
+        return order[self.rank::self.world]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices()[self.skip:])
+
+    def __len__(self) -> int:
+        return max(0, len(self._indices()) - self.skip)
+
+
+def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int = 0,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, epoch: int = 0,
+                 skip_batches: int = 0, drop_last: bool | None = None,
+                 collate: Callable[[Sequence[Any]], Any] = collate_fn) -> DataLoader:
+    """The DataLoader of training, evaluation and prediction: batches of ``collate``
+    (:class:`Batch` by default) drawn by an :class:`EpochSampler`.
+
+    ``train`` shuffles (reproducibly from ``seed`` and ``epoch``) and drops the last
+    partial batch (``drop_last`` overrides that); otherwise the dataset's order is kept.
+    ``rank`` / ``world_size`` split the samples over processes; ``skip_batches`` starts
+    the epoch that many batches in, for a resumed run. Worker processes are seeded from
+    ``seed``, ``epoch`` and ``rank`` (:func:`seed_worker` seeds ``random`` and numpy);
+    with ``num_workers=0``, seed the main process yourself.
     """
     drop_last = train if drop_last is None else drop_last
-    rank = torch.distributed.get_rank() if distributed else 0
-    generator = torch.Generator().manual_seed(seed + rank)
-    if distributed:
-        sampler = DistributedSampler(dataset, shuffle=train, seed=seed, drop_last=drop_last)
-    elif train:
-        sampler = RandomSampler(dataset, generator=generator)
-    else:
-        sampler = SequentialSampler(dataset)
+    sampler = EpochSampler(len(dataset), train, seed, rank, world_size,  # type: ignore[arg-type]
+                           drop_last=drop_last)
+    sampler.set_epoch(epoch, skip=skip_batches * batch_size)
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
         drop_last=drop_last,
         num_workers=num_workers,
-        collate_fn=collate_fn,
+        collate_fn=collate,
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=num_workers > 0,
         worker_init_fn=seed_worker,
-        generator=generator,
+        generator=torch.Generator().manual_seed(seed * 1000 + epoch * 10 + rank),
     )

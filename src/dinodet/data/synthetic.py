@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["SHAPES", "make_synthetic_coco"]
+__all__ = ["SHAPES", "make_synthetic_coco", "synthetic_image"]
 
 #: (name, RGB colour) of every class, in category order.
 SHAPES: tuple[tuple[str, tuple[int, int, int]], ...] = (
@@ -96,6 +96,37 @@ def _image_size(rng: np.random.Generator, image_size) -> tuple[int, int]:
     return int(rng.integers(h[0], h[1] + 1)), int(rng.integers(w[0], w[1] + 1))
 
 
+def _render(rng: np.random.Generator, h: int, w: int, max_objects: int | None,
+            num_classes: int) -> tuple[np.ndarray, list[tuple[int, tuple[int, int, int, int]]]]:
+    """One noisy image (uint8 [h, w, 3]) with 1..``max_objects`` shapes (none for None),
+    and its objects as (label, (x0, y0, w, h))."""
+    canvas = Image.fromarray(np.clip(_background(rng, h, w), 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    count = 0 if max_objects is None else int(rng.integers(1, max_objects + 1))
+    placed: list[tuple[int, int, int, int]] = []
+    objects = []
+    for _ in range(count):
+        box = _place(rng, h, w, placed)
+        if box is None:
+            continue
+        placed.append(box)
+        label = int(rng.integers(num_classes))
+        name, colour = SHAPES[label]
+        fill = tuple(int(np.clip(c + rng.integers(-20, 21), 0, 255)) for c in colour)
+        x0, y0, bw, bh = box
+        _draw(draw, name, (x0, y0, x0 + bw - 1, y0 + bh - 1), fill)
+        objects.append((label, box))
+    noisy = np.asarray(canvas, np.float32) + rng.normal(0.0, 8.0, size=(h, w, 3))
+    return np.clip(noisy, 0, 255).astype(np.uint8), objects
+
+
+def synthetic_image(height: int = 480, width: int = 640, seed: int = 0,
+                    max_objects: int = 6) -> np.ndarray:
+    """One image of the synthetic dataset's kind (uint8 [H, W, 3]), deterministic for a
+    seed: something to detect on when no photo is at hand."""
+    return _render(np.random.default_rng(seed), height, width, max_objects, len(SHAPES))[0]
+
+
 def _make_split(
     rng: np.random.Generator,
     image_dir: Path,
@@ -105,26 +136,16 @@ def _make_split(
     max_objects: int,
 ) -> dict:
     image_dir.mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
+    images: list[dict] = []
+    annotations: list[dict] = []
     # A fixed share of negatives (at least one when there are two images or more).
     num_empty = int(np.ceil(_EMPTY_FRACTION * num_images)) if num_images >= 2 else 0
     empty = set(rng.choice(num_images, size=num_empty, replace=False).tolist())
     for image_id in range(1, num_images + 1):
         h, w = _image_size(rng, image_size)
-        canvas = Image.fromarray(np.clip(_background(rng, h, w), 0, 255).astype(np.uint8))
-        draw = ImageDraw.Draw(canvas)
-        count = 0 if image_id - 1 in empty else int(rng.integers(1, max_objects + 1))
-        placed: list[tuple[int, int, int, int]] = []
-        for _ in range(count):
-            box = _place(rng, h, w, placed)
-            if box is None:
-                continue
-            placed.append(box)
-            label = int(rng.integers(num_classes))
-            name, colour = SHAPES[label]
-            fill = tuple(int(np.clip(c + rng.integers(-20, 21), 0, 255)) for c in colour)
-            x0, y0, bw, bh = box
-            _draw(draw, name, (x0, y0, x0 + bw - 1, y0 + bh - 1), fill)
+        count = None if image_id - 1 in empty else max_objects
+        pixels, objects = _render(rng, h, w, count, num_classes)
+        for label, (x0, y0, bw, bh) in objects:
             annotations.append(
                 {
                     "id": len(annotations) + 1,
@@ -135,11 +156,8 @@ def _make_split(
                     "iscrowd": 0,
                 }
             )
-        noisy = np.asarray(canvas, np.float32) + rng.normal(0.0, 8.0, size=(h, w, 3))
         file_name = f"{image_id:06d}.jpg"
-        Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(
-            image_dir / file_name, quality=90
-        )
+        Image.fromarray(pixels).save(image_dir / file_name, quality=90)
         images.append({"id": image_id, "file_name": file_name, "width": w, "height": h})
     categories = [
         {"id": 2 * i + 1, "name": SHAPES[i][0], "supercategory": "shape"}

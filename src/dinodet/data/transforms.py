@@ -12,6 +12,7 @@ Transforms are called as ``transforms(image, target)`` with
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,17 +22,27 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from dinodet.settings import coerce_fields, require
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "EvalTransform",
     "RandomShorterSideResize",
     "RandomSizeCrop",
     "TransformConfig",
     "build_transforms",
+    "default_max_size",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def default_max_size(size: int) -> int:
+    """The longer-side cap that goes with a shorter side of ``size``: COCO's 1333 for 800,
+    in proportion for other sizes (533 for 320)."""
+    return round(size * 1333 / 800)
 
 
 @dataclass
@@ -57,28 +68,16 @@ class TransformConfig:
     std: tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self) -> None:
-        # Accept lists (from JSON / YAML) but store tuples.
-        for name in ("scales", "crop_resize_scales", "mean", "std"):
-            setattr(self, name, tuple(getattr(self, name)))
-        sizes = {
-            "max_size": self.max_size,
-            "crop_min": self.crop_min,
-            "crop_max": self.crop_max,
-            "eval_size": self.eval_size,
-        }
-        for name, value in sizes.items():
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"TransformConfig.{name} must be a positive int, got {value!r}")
+        coerce_fields(self)  # lists (JSON / YAML) become tuples; a wrong type is named
         for name in ("scales", "crop_resize_scales"):
             values = getattr(self, name)
-            if not values or not all(isinstance(v, int) and v > 0 for v in values):
-                raise ValueError(f"TransformConfig.{name} must be positive ints, got {values!r}")
-        if self.crop_min > self.crop_max:
-            raise ValueError(
-                f"TransformConfig.crop_min ({self.crop_min}) > crop_max ({self.crop_max})"
-            )
-        if not 0.0 <= self.hflip_prob <= 1.0:
-            raise ValueError(f"TransformConfig.hflip_prob must be in [0, 1], got {self.hflip_prob}")
+            require(len(values) > 0 and min(values) > 0, name, values,
+                    "must be a non-empty list of positive sizes")
+        for name in ("max_size", "crop_min", "crop_max", "eval_size"):
+            require(getattr(self, name) > 0, name, getattr(self, name), "must be > 0")
+        require(self.crop_max >= self.crop_min, "crop_max", self.crop_max,
+                f"smaller than crop_min={self.crop_min}")
+        require(0.0 <= self.hflip_prob <= 1.0, "hflip_prob", self.hflip_prob, "must be in [0, 1]")
 
     @classmethod
     def for_eval_size(cls, eval_size: int) -> TransformConfig:
@@ -100,12 +99,13 @@ class TransformConfig:
 
 def _image_size(flat_inputs: list[Any]) -> tuple[int, int]:
     """(h, w) of the image (or, failing that, the boxes' canvas) among the inputs."""
-    for kind in (tv_tensors.Image, tv_tensors.BoundingBoxes):
+    # A plain tensor is an image to v2 (when no tv_tensors.Image is there): last resort.
+    for kind in (tv_tensors.Image, tv_tensors.BoundingBoxes, torch.Tensor):
         for inpt in flat_inputs:
             if isinstance(inpt, kind):
                 h, w = F.get_size(inpt)
                 return h, w
-    raise TypeError("expected a tv_tensors.Image or tv_tensors.BoundingBoxes among the inputs")
+    raise TypeError("expected an image tensor or tv_tensors.BoundingBoxes among the inputs")
 
 
 def shorter_side_size(
@@ -178,33 +178,101 @@ def target_labels(inputs: Any) -> torch.Tensor:
     return inputs[1]["labels"]
 
 
-def build_transforms(train: bool, cfg: TransformConfig | None = None) -> v2.Compose:
-    """The training augmentation or the evaluation resize, then normalisation."""
+@dataclass(frozen=True)
+class EvalTransform:
+    """How an image enters the model outside training: the one rule that evaluation,
+    :class:`~dinodet.predict.Detector`, the demo and exported models share.
+
+    The shorter side is resized to ``size`` unless the longer side would then exceed
+    ``max_size``, which then caps it (:func:`shorter_side_size`, the original DETR/DINO
+    rule); pixels go to float in [0, 1] and are ImageNet-normalised. The model's boxes are
+    relative to the resized image, so scaling them by the original size maps them back;
+    :meth:`boxes_to_original` does it for boxes in pixels of the resized image (the output
+    of an exported model).
+
+    Call it as ``transform(image)`` on a uint8 [3, H, W] tensor, or as
+    ``transform(image, target)`` inside a dataset (boxes follow the image).
+    ``max_size=None`` means :func:`default_max_size` of ``size``.
+    """
+
+    size: int = 800
+    max_size: int | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if self.max_size is None:
+            object.__setattr__(self, "max_size", default_max_size(self.size))
+        if not isinstance(self.size, int) or self.size < 1 or self.max_limit < self.size:
+            raise ValueError(f"eval_size {self.size} / max_size {self.max_size}: need a "
+                             "positive shorter side and max_size >= eval_size")
+        steps = v2.Compose([RandomShorterSideResize([self.size], self.max_limit),
+                            v2.ToDtype(torch.float32, scale=True),
+                            v2.Normalize(list(self.mean), list(self.std))])
+        object.__setattr__(self, "_steps", steps)
+
+    @property
+    def max_limit(self) -> int:
+        """``max_size`` as an int (it is never None after construction)."""
+        assert self.max_size is not None
+        return self.max_size
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) an image of (``height``, ``width``) is resized to."""
+        return shorter_side_size(height, width, self.size, self.max_limit)
+
+    def __call__(self, *inputs: Any) -> Any:
+        return self._steps(*inputs)  # type: ignore[attr-defined]
+
+    def resize(self, image: torch.Tensor) -> torch.Tensor:
+        """Only the resize: uint8 [.., 3, H, W] -> uint8 [.., 3, h, w] (what an exported
+        model, which normalises inside, takes after a division by 255)."""
+        return F.resize(image, list(self.output_size(*image.shape[-2:])), antialias=True)
+
+    @staticmethod
+    def boxes_to_original(boxes: torch.Tensor, input_size: Sequence[int],
+                          original_size: Sequence[int]) -> torch.Tensor:
+        """xyxy boxes [..., 4] in pixels of the resized (h, w) ``input_size`` -> pixels of
+        the image as it was, of (h, w) ``original_size``."""
+        sy = original_size[0] / input_size[0]
+        sx = original_size[1] / input_size[1]
+        return boxes * boxes.new_tensor([sx, sy, sx, sy])
+
+    def with_sizes(self, size: int | None = None, max_size: int | None = None
+                   ) -> EvalTransform:
+        """A copy with the shorter side and/or the cap changed (a new ``size`` without a
+        ``max_size`` takes :func:`default_max_size` of it), e.g. from ``--size``."""
+        if size is None and max_size is None:
+            return self
+        if size is None:
+            return dataclasses.replace(self, max_size=max_size)
+        return dataclasses.replace(self, size=size, max_size=max_size)
+
+    def metadata(self) -> dict[str, Any]:
+        """Plain data to store with a model (export files, model directories)."""
+        return {"eval_size": self.size, "max_size": self.max_size, "mean": list(self.mean),
+                "std": list(self.std)}
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, Any]) -> EvalTransform:
+        """The inverse of :meth:`metadata`; missing entries take the defaults (800 px)."""
+        size = int(meta.get("eval_size") or 800)
+        return cls(size, meta.get("max_size"), tuple(meta.get("mean") or IMAGENET_MEAN),
+                   tuple(meta.get("std") or IMAGENET_STD))
+
+
+def build_transforms(train: bool, cfg: TransformConfig | None = None) -> Any:
+    """The training augmentation (then normalisation), or the :class:`EvalTransform` of
+    ``cfg``."""
     cfg = cfg if cfg is not None else TransformConfig()
-    if train:
-        multi_scale = RandomShorterSideResize(cfg.scales, cfg.max_size)
-        geometric = [
-            v2.RandomHorizontalFlip(cfg.hflip_prob),
-            v2.RandomChoice(
-                [
-                    multi_scale,
-                    v2.Compose(
-                        [
-                            RandomShorterSideResize(cfg.crop_resize_scales),
-                            RandomSizeCrop(cfg.crop_min, cfg.crop_max),
-                            v2.SanitizeBoundingBoxes(labels_getter=target_labels),
-                            multi_scale,
-                        ]
-                    ),
-                ]
-            ),
-        ]
-    else:
-        geometric = [RandomShorterSideResize([cfg.eval_size], cfg.max_size)]
-    return v2.Compose(
-        [
-            *geometric,
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(list(cfg.mean), list(cfg.std)),
-        ]
-    )
+    if not train:
+        return EvalTransform(cfg.eval_size, cfg.max_size, cfg.mean, cfg.std)
+    multi_scale = RandomShorterSideResize(cfg.scales, cfg.max_size)
+    crop = v2.Compose([RandomShorterSideResize(cfg.crop_resize_scales),
+                       RandomSizeCrop(cfg.crop_min, cfg.crop_max),
+                       v2.SanitizeBoundingBoxes(labels_getter=target_labels),
+                       multi_scale])
+    return v2.Compose([v2.RandomHorizontalFlip(cfg.hflip_prob),
+                       v2.RandomChoice([multi_scale, crop]),
+                       v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(list(cfg.mean), list(cfg.std))])

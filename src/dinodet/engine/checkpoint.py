@@ -20,7 +20,6 @@ import errno
 import json
 import math
 import os
-import pickle
 import random
 import re
 import shutil
@@ -34,6 +33,8 @@ from typing import IO, Any, Literal
 import numpy as np
 import torch
 
+from dinodet.weights import CheckpointError, read_torch_file
+
 __all__ = [
     "CheckpointError",
     "CheckpointLoadError",
@@ -46,16 +47,13 @@ __all__ = [
 ]
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or read."""
+# One error type for every checkpoint problem (dinodet.weights.CheckpointError, a
+# ValueError); saving has its own subclass so that callers can tell a failed write.
+CheckpointLoadError = CheckpointError
 
 
 class CheckpointSaveError(CheckpointError):
     """Saving failed; the file previously at the target path (if any) is untouched."""
-
-
-class CheckpointLoadError(CheckpointError):
-    """A checkpoint file is truncated, corrupt, or holds something ``weights_only`` refuses."""
 
 
 # --------------------------------------------------------------------------------------
@@ -79,42 +77,17 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> Path:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint with ``torch.load(weights_only=True)``, onto the CPU by default.
 
-    Raises ``FileNotFoundError`` or :class:`CheckpointLoadError`, naming the file.
+    Raises :class:`~dinodet.weights.CheckpointError` naming the file (a
+    ``FileNotFoundError`` too when it is missing).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.stat().st_size == 0:
-        raise CheckpointLoadError(f"checkpoint {path} is empty (an interrupted save?)")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights only" in str(e).lower():
-            raise CheckpointLoadError(
-                f"checkpoint {path} holds objects that torch.load(weights_only=True) refuses "
-                f"(not written by dinodet?): {_weights_only_detail(e)}") from e
-        raise CheckpointLoadError(f"checkpoint {path} is corrupt: {first_line}") from e
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as e:
-        raise CheckpointLoadError(
-            f"checkpoint {path} is truncated or corrupt "
-            f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''})") from e
-    except OSError as e:
-        raise CheckpointLoadError(f"cannot read checkpoint {path}: {e.strerror or e}") from e
+    state = read_torch_file(path, map_location=map_location)
     if not isinstance(state, dict):
-        raise CheckpointLoadError(f"checkpoint {path} holds a {type(state).__name__}, "
-                                  "expected a dict")
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, "
+                              "expected a dict")
     return state
 
 
-def _weights_only_detail(e: Exception) -> str:
-    for line in str(e).splitlines():
-        if "Unsupported" in line or "GLOBAL" in line:
-            return line.strip()
-    return str(e).strip().splitlines()[0]
-
-
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     """``write(f)`` into a temp file beside ``path``, fsync, then ``os.replace`` onto it."""
     tmp: str | None = None
     try:

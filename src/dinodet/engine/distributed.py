@@ -14,9 +14,11 @@ identities, ``world_size()`` is 1 and ``is_main()`` is true.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +33,7 @@ __all__ = [
     "all_reduce_mean",
     "barrier",
     "cleanup",
+    "deterministic_algorithms",
     "init_distributed",
     "is_main",
     "rank",
@@ -189,23 +192,42 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def seed_everything(seed: int, rank: int = 0, deterministic: bool = False) -> int:
+def seed_everything(seed: int, rank: int = 0) -> int:
     """Seed torch (CPU and CUDA), numpy and ``random`` with ``seed + rank``; returns it.
 
     Each process gets its own seed so that random augmentation differs between ranks.
-    ``deterministic`` also asks for deterministic kernels: ``CUBLAS_WORKSPACE_CONFIG``
-    (if not already set; it must be before the first cuBLAS call),
-    ``torch.use_deterministic_algorithms(True, warn_only=True)`` (ops with no deterministic
-    version warn rather than fail; ``grid_sample``'s backward on CUDA is one), cuDNN
-    deterministic and no cuDNN benchmarking. Nothing is switched off when it is false.
+    Deterministic kernels are a separate, scoped choice: :func:`deterministic_algorithms`.
     """
     value = int(seed) + int(rank)
     random.seed(value)
     np.random.seed(value % 2**32)
     torch.manual_seed(value)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
     return value
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True) -> Iterator[None]:
+    """Deterministic kernels inside the ``with`` block, and everything as it was after it.
+
+    Sets ``CUBLAS_WORKSPACE_CONFIG`` (if unset; cuBLAS reads it at its first call),
+    ``torch.use_deterministic_algorithms(True, warn_only=True)`` (ops with no deterministic
+    version warn rather than fail; ``grid_sample``'s CUDA backward is one), cuDNN
+    deterministic and no cuDNN benchmarking. Nothing changes when ``enabled`` is false.
+    """
+    if not enabled:
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    saved = (torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), cudnn.deterministic,
+             cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        cudnn.deterministic, cudnn.benchmark = saved[2], saved[3]
+        if saved[4] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)

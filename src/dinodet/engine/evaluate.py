@@ -37,6 +37,7 @@ __all__ = [
     "CocoEvaluator",
     "EvalResult",
     "evaluate",
+    "evaluate_checkpoint",
     "evaluate_results",
     "write_results",
 ]
@@ -79,12 +80,12 @@ class EvalResult:
             lines.append("  ".join(f"{name:>6}" for name in row))
             lines.append("  ".join(f"{_fmt(self.metrics[name]):>6}" for name in row))
         if self.per_class:
-            width = max(4, *(len(str(row["name"])) for row in self.per_class))
+            width = max(4, *(len(str(entry["name"])) for entry in self.per_class))
             lines.append("")
             lines.append(f"{'label':>5}  {'cat_id':>6}  {'name':<{width}}  {'AP':>6}")
-            for row in self.per_class:
-                lines.append(f"{row['label']:>5}  {row['category_id']:>6}  "
-                             f"{row['name']!s:<{width}}  {_fmt(row['AP']):>6}")
+            for entry in self.per_class:
+                lines.append(f"{entry['label']:>5}  {entry['category_id']:>6}  "
+                             f"{entry['name']!s:<{width}}  {_fmt(entry['AP']):>6}")
         return "\n".join(lines)
 
 
@@ -304,3 +305,45 @@ def evaluate(model: nn.Module, loader: Iterable[Any], device: torch.device | str
         model.train(was_training)
     evaluator.gather()
     return evaluator.summarize(verbose=verbose), evaluator.results()
+
+
+def evaluate_checkpoint(checkpoint: str | Path, ann: str | Path, images: str | Path,
+                        out: str | Path | None = None, variant: str | None = None,
+                        batch_size: int = 2, eval_size: int | None = None,
+                        max_size: int | None = None, keep_category_ids: bool = False,
+                        num_workers: int = 2, device: str = "auto",
+                        weights: str = "ema") -> EvalResult:
+    """COCO metrics of any model file :func:`dinodet.weights.load_model` opens, on a
+    COCO-format dataset; writes the detections (COCO results) to ``out`` if given.
+
+    Images go through the checkpoint's :class:`~dinodet.data.EvalTransform` (``eval_size``
+    / ``max_size`` override it, as for ``dinodet predict``)."""
+    from dinodet.data.coco import CocoDetection
+    from dinodet.data.collate import build_loader
+    from dinodet.engine.distributed import resolve_device
+    from dinodet.weights import load_model
+
+    loaded = load_model(checkpoint, variant, weights)  # type: ignore[arg-type]
+    # The original checkpoints index classes by raw COCO id.
+    keep_ids = keep_category_ids or loaded.classes is None
+    transform = loaded.transform.with_sizes(eval_size, max_size)
+    dataset = CocoDetection(ann, images, transform, keep_category_ids=keep_ids)
+    label_to_id, names = dataset.label_to_category_id, dataset.class_names
+    if loaded.classes is not None:
+        label_to_id = [c["category_id"] for c in loaded.classes]
+        names = [c["name"] for c in loaded.classes]
+        unknown = sorted(set(dataset.label_to_category_id) - set(label_to_id))
+        if unknown:
+            raise ValueError(f"{ann} has categories {unknown[:10]} the checkpoint was not "
+                             "trained on")
+    if loaded.model.num_classes < len(label_to_id):
+        raise ValueError(f"the model predicts {loaded.model.num_classes} classes but "
+                         f"{ann} needs {len(label_to_id)}")
+    dev = resolve_device(device)
+    model = loaded.model.to(dev)
+    loader = build_loader(dataset, batch_size, train=False, num_workers=num_workers)
+    result, results = evaluate(model, loader, dev, label_to_id, dataset.coco,
+                               num_select=model.cfg.num_select, class_names=names)
+    if out is not None:
+        write_results(out, results)
+    return result

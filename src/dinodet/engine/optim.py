@@ -43,7 +43,8 @@ def param_groups(model: nn.Module, lr: float, lr_backbone: float,
     group carries a ``"name"`` (``"backbone"`` / ``"transformer"``) for logging. A
     DDP- or ``torch.compile``-wrapped model is unwrapped first so the names match.
     """
-    backbone, rest = [], []
+    backbone: list[nn.Parameter] = []
+    rest: list[nn.Parameter] = []
     for name, p in unwrap_model(model).named_parameters():
         if not p.requires_grad:
             continue
@@ -63,7 +64,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     if not params:
         raise ValueError("the model has no parameters that require gradients")
     fused = all(p.is_cuda for p in params)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas),
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]),
                              weight_decay=cfg.weight_decay, fused=fused or None)
 
 
@@ -149,10 +150,9 @@ def clip_gradients(model_or_params: nn.Module | Iterable[torch.Tensor],
     """
     if max_norm <= 0:
         return None
-    if isinstance(model_or_params, nn.Module):
-        params = [p for p in model_or_params.parameters() if p.grad is not None]
-    else:
-        params = [p for p in model_or_params if p.grad is not None]
+    source = (model_or_params.parameters() if isinstance(model_or_params, nn.Module)
+              else model_or_params)
+    params: list[torch.Tensor] = [p for p in source if p.grad is not None]
     if not params:
         return torch.zeros(())
     return torch.nn.utils.clip_grad_norm_(params, max_norm)

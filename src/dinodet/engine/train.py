@@ -1,8 +1,10 @@
 """The training loop: one process or many (torchrun / DDP), resumable at any step.
 
-Reading order: ``train`` builds everything, then runs epochs of ``_train_one_epoch``;
-each epoch ends with a checkpoint and an evaluation. Anything that goes wrong (a corrupt
-image, a NaN loss, a kill signal, a full disk) leaves the last good checkpoint whole.
+Reading order: ``train`` builds the data, the model and its :class:`TrainState`, then runs
+epochs of ``_train_one_epoch``, which calls :func:`~dinodet.engine.step.train_step` on
+every batch; each epoch ends with an evaluation and a checkpoint. Anything that goes wrong
+(a corrupt image, a NaN loss, a kill signal, a full disk) leaves the last good checkpoint
+whole.
 """
 
 from __future__ import annotations
@@ -13,18 +15,15 @@ import math
 import signal
 import time
 import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
 
 from dinodet.data.coco import CocoDetection
-from dinodet.data.collate import collate_fn, seed_worker
-from dinodet.data.transforms import TransformConfig, build_transforms
+from dinodet.data.collate import build_loader
+from dinodet.data.transforms import build_transforms
 from dinodet.engine import distributed as dist
 from dinodet.engine.checkpoint import (
     CheckpointManager,
@@ -33,58 +32,16 @@ from dinodet.engine.checkpoint import (
     restore_rng_state,
 )
 from dinodet.engine.config import TrainConfig
-from dinodet.engine.ema import ModelEMA
 from dinodet.engine.evaluate import EvalResult, evaluate
-from dinodet.engine.optim import build_optimizer, build_scheduler, clip_gradients
-from dinodet.loss.criterion import build_criterion
+from dinodet.engine.optim import optimizer_steps_per_epoch
+from dinodet.engine.step import TrainState, train_step
 from dinodet.model.dino import DINO
+from dinodet.weights import WeightsChoice, load_initial_weights
 
 
 class TrainingStopped(RuntimeError):
     """Training cannot go on (e.g. too many non-finite losses in a row); the message says
     why and where the last good checkpoint is."""
-
-
-class EpochSampler(Sampler[int]):
-    """Shuffled (or ordered) indices for one rank, reproducible from (seed, epoch), that can
-    start part-way through an epoch so a resumed run sees exactly the batches it missed."""
-
-    def __init__(self, size: int, shuffle: bool, seed: int, rank: int = 0, world: int = 1,
-                 drop_last: bool = False) -> None:
-        self.size, self.shuffle, self.seed = size, shuffle, seed
-        self.rank, self.world, self.drop_last = rank, world, drop_last
-        self.epoch, self.skip = 0, 0
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip
-
-    def _indices(self) -> list[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.size, generator=g).tolist()
-        else:
-            order = list(range(self.size))
-        if self.drop_last:
-            order = order[: len(order) - len(order) % self.world]
-        else:  # pad so every rank gets the same count (evaluation drops the duplicates)
-            order += order[: (-len(order)) % self.world]
-        return order[self.rank::self.world]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._indices()[self.skip:])
-
-    def __len__(self) -> int:
-        return max(0, len(self._indices()) - self.skip)
-
-
-@dataclass
-class RunState:
-    epoch: int = 0  # the epoch in progress (0-based)
-    step: int = 0  # optimizer steps so far
-    batches_done: int = 0  # batches of the current epoch already trained on
-    skipped_images: list[str] = field(default_factory=list)
-    bad_steps: int = 0  # non-finite losses, in all
-    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 class _StopSignal:
@@ -108,23 +65,10 @@ class _StopSignal:
             signal.signal(sig, handler)
 
 
-def _transform_config(cfg: TrainConfig) -> TransformConfig:
-    d = cfg.data
-    return TransformConfig(scales=d.scales, max_size=d.max_size,
-                           crop_resize_scales=d.crop_resize_scales, crop_min=d.crop_min,
-                           crop_max=d.crop_max, eval_size=d.eval_size)
-
-
-def _loader(dataset: CocoDetection, sampler: EpochSampler, batch_size: int, workers: int,
-            seed: int, drop_last: bool) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                      num_workers=workers, collate_fn=collate_fn, worker_init_fn=seed_worker,
-                      pin_memory=torch.cuda.is_available(),
-                      generator=torch.Generator().manual_seed(seed))
-
-
-def build_training_model(cfg: TrainConfig, num_classes: int, init: str | None = None) -> DINO:
-    """The network for ``cfg`` with ``num_classes``; ``init`` loads weights to start from.
+def build_training_model(cfg: TrainConfig, num_classes: int, init: str | None = None,
+                         init_weights: WeightsChoice = "ema") -> DINO:
+    """The network for ``cfg`` with ``num_classes``; ``init`` loads weights to start from
+    (of a run checkpoint, its EMA weights unless ``init_weights="raw"``).
 
     With no pretrained weights at all the backbone's normalisation layers train (frozen
     random statistics would be meaningless); with pretrained weights they stay frozen.
@@ -136,9 +80,9 @@ def build_training_model(cfg: TrainConfig, num_classes: int, init: str | None = 
                                                 "freeze_stem": False})
     model = DINO(model_cfg)
     if init is not None:
-        from dinodet.convert import load_initial_weights
-
-        load_initial_weights(model, init)
+        found = load_initial_weights(model, init, init_weights)
+        if dist.is_main():
+            print(f"initialised from {found.describe()}")
     return model
 
 
@@ -173,17 +117,24 @@ class RunLog:
 
 
 def train(cfg: TrainConfig, resume: str | None = None, init: str | None = None,
-          max_steps: int | None = None, progress: bool = True) -> dict[str, Any]:
+          max_steps: int | None = None, progress: bool = True,
+          init_weights: WeightsChoice = "ema") -> dict[str, Any]:
     """Train and evaluate as ``cfg`` says; returns a summary dict.
 
     resume: ``"auto"`` (newest checkpoint in ``cfg.out_dir``, if any) or a checkpoint path.
     init: weights to start from: a dinodet checkpoint or model directory, or an original
-        DINO ``.pth`` (the class heads are re-initialised when the classes differ).
+        DINO ``.pth`` (the class heads are re-initialised when the classes differ);
+        ``init_weights`` picks the EMA or raw weights of a run checkpoint.
     max_steps: stop after this many optimizer steps (tests, smoke runs).
     """
+    with dist.deterministic_algorithms(cfg.deterministic):
+        return _train(cfg, resume, init, max_steps, progress, init_weights)
+
+
+def _train(cfg: TrainConfig, resume: str | None, init: str | None, max_steps: int | None,
+           progress: bool, init_weights: WeightsChoice) -> dict[str, Any]:
     info = dist.init_distributed(cfg.device)
-    device = info.device
-    dist.seed_everything(cfg.seed, rank=info.rank, deterministic=cfg.deterministic)
+    dist.seed_everything(cfg.seed, rank=info.rank)
     out_dir = Path(cfg.out_dir)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -193,112 +144,88 @@ def train(cfg: TrainConfig, resume: str | None = None, init: str | None = None,
     d = cfg.data
     if not (d.train_ann and d.train_images):
         raise ValueError("training needs data.train_ann and data.train_images")
-    tcfg = _transform_config(cfg)
-    train_set = CocoDetection(d.train_ann, d.train_images, build_transforms(True, tcfg),
+    train_set = CocoDetection(d.train_ann, d.train_images, build_transforms(True, d.transform),
                               keep_category_ids=d.keep_category_ids, strict=d.strict)
     val_set = None
     if d.val_ann and d.val_images:
-        val_set = CocoDetection(d.val_ann, d.val_images, build_transforms(False, tcfg),
+        val_set = CocoDetection(d.val_ann, d.val_images, build_transforms(False, d.transform),
                                 keep_category_ids=d.keep_category_ids, strict=d.strict)
         if val_set.label_to_category_id != train_set.label_to_category_id:
             raise ValueError(f"the categories of {d.val_ann} differ from those of "
                              f"{d.train_ann}; both splits must share one category table")
 
-    model = build_training_model(cfg, train_set.num_classes, init).to(device)
-    criterion = build_criterion(train_set.num_classes)
-    optimizer = build_optimizer(model, cfg.optim)
-    train_sampler = EpochSampler(len(train_set), True, cfg.seed, info.rank, info.world_size,
-                                 drop_last=True)
     batches_per_epoch = len(train_set) // (cfg.batch_size * info.world_size)
     if batches_per_epoch == 0:
         raise ValueError(f"{len(train_set)} training images are fewer than one batch of "
                          f"{cfg.batch_size} x {info.world_size} process(es)")
-    steps_per_epoch = max(1, batches_per_epoch // cfg.optim.accumulate_steps)
-    scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.epochs)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    ema = ModelEMA(model, cfg.ema_decay) if cfg.ema else None
+    model = build_training_model(cfg, train_set.num_classes, init, init_weights)
+    state = TrainState.create(
+        model.to(info.device), cfg.optim,
+        optimizer_steps_per_epoch(batches_per_epoch, cfg.optim.accumulate_steps), cfg.epochs,
+        amp=cfg.amp, ema_decay=cfg.ema_decay if cfg.ema else None)
     manager = CheckpointManager(out_dir, keep_last=cfg.keep_last)
-    state = RunState()
 
     ckpt_path = manager.resolve_resume(resume)
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        if ema is not None and ckpt.get("ema") is not None:
-            ema.load_state_dict(ckpt["ema"])
-        state = RunState(epoch=ckpt["epoch"], step=ckpt["step"],
-                         batches_done=ckpt["batches_done"],
-                         skipped_images=list(ckpt.get("skipped_images", [])),
-                         bad_steps=ckpt.get("bad_steps", 0), history=ckpt.get("history", []))
+        state.load_state_dict(ckpt)
         restore_rng_state(ckpt["rng"][info.rank] if info.rank < len(ckpt["rng"])
                           else ckpt["rng"][0])
         if info.is_main:
-            print(f"resumed from {ckpt_path} (epoch {state.epoch + 1}, step {state.step})")
-
-    ddp_model: nn.Module = model
+            print(f"resumed from {ckpt_path} (epoch {state.progress.epoch + 1}, "
+                  f"step {state.progress.step})")
     if info.distributed:
-        ddp_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
+        state.net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
             find_unused_parameters=True)  # denoising is absent from batches without objects
 
     def checkpoint(metric: float | None = None) -> Path | None:
         rng = dist.all_gather_object(capture_rng_state())
         if not info.is_main:
             return None
-        return manager.save({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None, "rng": rng,
-            "epoch": state.epoch, "step": state.step, "batches_done": state.batches_done,
-            "config": cfg.to_dict(), "model_config": model.cfg.to_dict(),
-            "classes": train_set.class_table(),
-            "skipped_images": state.skipped_images, "bad_steps": state.bad_steps,
-            "history": state.history,
-        }, epoch=state.epoch, step=state.step, metric=metric)
+        return manager.save({**state.state_dict(), "rng": rng, "config": cfg.to_dict(),
+                             "classes": train_set.class_table()},
+                            epoch=state.progress.epoch, step=state.progress.step,
+                            metric=metric)
 
+    run = state.progress
     start = time.perf_counter()
     stopped_by: str | None = None
     last_eval: EvalResult | None = None
     with _StopSignal() as stop:
-        while state.epoch < cfg.epochs and stopped_by is None:
-            train_sampler.set_epoch(state.epoch, skip=state.batches_done * cfg.batch_size)
-            loader = _loader(train_set, train_sampler, cfg.batch_size, d.num_workers,
-                             cfg.seed * 1000 + state.epoch * 10 + info.rank, drop_last=True)
-            stopped_by = _train_one_epoch(
-                cfg, ddp_model, model, criterion, optimizer, scheduler, scaler, ema, loader,
-                device, amp_dtype, state, stop, checkpoint, log, info, batches_per_epoch,
-                max_steps, progress)
+        while run.epoch < cfg.epochs and stopped_by is None:
+            loader = build_loader(train_set, cfg.batch_size, True, d.num_workers, cfg.seed,
+                                  info.rank, info.world_size, epoch=run.epoch,
+                                  skip_batches=run.batches_done)
+            stopped_by = _train_one_epoch(cfg, state, loader, batches_per_epoch, stop, checkpoint,
+                                          log, info, max_steps, progress)
             if stopped_by is not None:
                 break
             metric = None
             every = cfg.eval_every_epochs
-            if val_set is not None and ((every and (state.epoch + 1) % every == 0)
-                                        or state.epoch + 1 == cfg.epochs):
-                last_eval = _evaluate(cfg, ema.module if ema else model, val_set, device,
-                                      info, amp_dtype)
+            if val_set is not None and ((every and (run.epoch + 1) % every == 0)
+                                        or run.epoch + 1 == cfg.epochs):
+                last_eval = _evaluate(cfg, state.ema.module if state.ema else model,  # type: ignore[arg-type]
+                                      val_set,
+                                      info)
                 metric = last_eval.metrics["AP"]
-            record = {"type": "epoch", "epoch": state.epoch + 1, "step": state.step,
+            record = {"type": "epoch", "epoch": run.epoch + 1, "step": run.step,
                       "time": time.perf_counter() - start,
-                      **({k: v for k, v in last_eval.metrics.items()} if metric is not None
-                         else {})}
-            state.history.append(record)
+                      **(dict(last_eval.metrics) if last_eval and metric is not None else {})}
+            run.history.append(record)
             if info.is_main:
                 log(record)
                 if last_eval is not None and metric is not None:
                     print(last_eval.format_table())
-            state.epoch += 1
-            state.batches_done = 0
+            run.epoch += 1
+            run.batches_done = 0
             checkpoint(metric)
         if stopped_by is not None:  # a signal or max_steps: keep where we are
             checkpoint()
 
     summary = {
-        "epochs": state.epoch, "steps": state.step, "seconds": time.perf_counter() - start,
-        "skipped_images": len(set(state.skipped_images)), "bad_steps": state.bad_steps,
+        "epochs": run.epoch, "steps": run.step, "seconds": time.perf_counter() - start,
+        "skipped_images": len(set(run.skipped_images)), "bad_steps": run.bad_steps,
         "stopped_by": stopped_by, "best_AP": manager.best_metric,
         "metrics": last_eval.metrics if last_eval is not None else None,
         "latest_checkpoint": str(manager.latest()) if info.is_main else None,
@@ -311,91 +238,69 @@ def train(cfg: TrainConfig, resume: str | None = None, init: str | None = None,
     return summary
 
 
-def _train_one_epoch(cfg: TrainConfig, ddp_model: nn.Module, model: DINO, criterion: nn.Module,
-                     optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
-                     ema: ModelEMA | None, loader: DataLoader, device: torch.device,
-                     amp_dtype: torch.dtype | None, state: RunState, stop: _StopSignal,
-                     checkpoint: Any, log: RunLog, info: dist.DistInfo,
-                     batches_per_epoch: int, max_steps: int | None,
-                     progress: bool) -> str | None:
-    """Train until the epoch ends; returns why it stopped early, or None."""
-    ddp_model.train()
+def _train_one_epoch(cfg: TrainConfig, state: TrainState, loader: Any, batches_per_epoch: int,
+                     stop: _StopSignal, checkpoint: Any, log: RunLog, info: dist.DistInfo,
+                     max_steps: int | None, progress: bool) -> str | None:
+    """Train until the epoch ends; returns why it stopped early, or None.
+
+    Batches are grouped into windows of ``optim.accumulate_steps`` for gradient
+    accumulation, counted from the start of the epoch; the epoch's last window may be
+    shorter, and it still steps, so no gradient is carried into the next epoch.
+    """
+    run = state.progress
     accumulate = cfg.optim.accumulate_steps
     bad_in_a_row = 0
     bar = None
     if progress and info.is_main:
         from tqdm import tqdm
 
-        bar = tqdm(total=batches_per_epoch, initial=state.batches_done,
-                   desc=f"epoch {state.epoch + 1}/{cfg.epochs}", dynamic_ncols=True)
+        bar = tqdm(total=batches_per_epoch, initial=run.batches_done,
+                   desc=f"epoch {run.epoch + 1}/{cfg.epochs}", dynamic_ncols=True)
     tick, images_seen = time.perf_counter(), 0
+    losses: dict[str, torch.Tensor] = {}
     try:
         for batch in loader:
-            state.skipped_images.extend(batch.skipped)
-            state.batches_done += 1
+            run.skipped_images.extend(batch.skipped)
+            first = run.batches_done - run.batches_done % accumulate  # the window's start
+            window = min(accumulate, batches_per_epoch - first)
+            run.batches_done += 1
             if bar is not None:
                 bar.update(1)
-            if len(batch) == 0:
-                continue
-            batch = batch.to(device, non_blocking=True)
-            sync = state.batches_done % accumulate == 0
-            no_sync = (ddp_model.no_sync() if info.distributed and not sync
-                       else contextlib.nullcontext())
-            with no_sync:
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                    enabled=amp_dtype is not None):
-                    outputs = ddp_model(batch.images, batch.targets)
-                losses = criterion(_to_float(outputs), batch.targets)
-                loss = losses["loss"]
-                finite = torch.isfinite(loss.detach()).float()
-                if info.distributed:  # every rank skips the step if any rank saw a NaN
-                    torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-                if finite.item() < 1:
-                    optimizer.zero_grad(set_to_none=True)
-                    state.bad_steps += 1
-                    bad_in_a_row += 1
-                    warnings.warn(f"non-finite loss at epoch {state.epoch + 1} step "
-                                  f"{state.step}: step skipped ({bad_in_a_row} in a row)",
-                                  stacklevel=2)
-                    if bad_in_a_row >= cfg.max_bad_steps:
-                        raise TrainingStopped(
-                            f"{bad_in_a_row} non-finite losses in a row; stopping. The last "
-                            f"good checkpoint is intact in {cfg.out_dir}: lower the learning "
-                            "rate or check the data, then --resume auto")
-                    continue
-                bad_in_a_row = 0
-                scaler.scale(loss / accumulate).backward()
+            result = train_step(state, batch, window, run.batches_done == first + window)
             images_seen += len(batch)
-            if not sync:
+            if not result.finite:
+                bad_in_a_row += 1
+                warnings.warn(f"non-finite loss at epoch {run.epoch + 1} step {run.step}: "
+                              f"step skipped ({bad_in_a_row} in a row)", stacklevel=2)
+                if bad_in_a_row >= cfg.max_bad_steps:
+                    raise TrainingStopped(
+                        f"{bad_in_a_row} non-finite losses in a row; stopping. The last "
+                        f"good checkpoint is intact in {cfg.out_dir}: lower the learning "
+                        "rate or check the data, then --resume auto")
                 continue
-            scaler.unscale_(optimizer)
-            clip_gradients(model, cfg.optim.clip_max_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            state.step += 1
-            if ema is not None:
-                ema.update(model)
-            if state.step % cfg.log_every == 0 or state.step == 1:
+            if result.losses:
+                bad_in_a_row = 0
+                losses = result.losses
+            if not result.stepped:
+                continue
+            if (run.step % cfg.log_every == 0 or run.step == 1) and losses:
                 now = time.perf_counter()
                 speed = images_seen * info.world_size / max(now - tick, 1e-9)
                 tick, images_seen = now, 0
-                record = {"type": "step", "epoch": state.epoch + 1, "step": state.step,
-                          "lr": optimizer.param_groups[0]["lr"], "images_per_s": speed,
-                          **{k: float(v) for k, v in dist.reduce_dict_mean(
-                              {k: v.detach() for k, v in losses.items()}).items()}}
+                record = {"type": "step", "epoch": run.epoch + 1, "step": run.step,
+                          "lr": state.optimizer.param_groups[0]["lr"], "images_per_s": speed,
+                          **{k: float(v) for k, v in dist.reduce_dict_mean(losses).items()}}
                 if info.is_main:
                     log(record)
                     if bar is not None:
                         bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
                                         img_s=f"{speed:.1f}")
-            if cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0:
+            if cfg.checkpoint_every_steps and run.step % cfg.checkpoint_every_steps == 0:
                 checkpoint()
-            if _any_rank(stop.received is not None, info, device):
+            if _any_rank(stop.received is not None, info, state.device):
                 name = signal.Signals(stop.received).name if stop.received else "peer"
                 return f"signal {name}"
-            if max_steps is not None and state.step >= max_steps:
+            if max_steps is not None and run.step >= max_steps:
                 return "max_steps"
     finally:
         if bar is not None:
@@ -412,24 +317,12 @@ def _any_rank(flag: bool, info: dist.DistInfo, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def _to_float(outputs: Any) -> Any:
-    """Losses run in float32: cast half-precision outputs (nested dicts and lists) up."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs.float() if outputs.dtype in (torch.float16, torch.bfloat16) else outputs
-    if isinstance(outputs, dict):
-        return {k: _to_float(v) for k, v in outputs.items()}
-    if isinstance(outputs, list):
-        return [_to_float(v) for v in outputs]
-    return outputs
-
-
-def _evaluate(cfg: TrainConfig, model: nn.Module, val_set: CocoDetection, device: torch.device,
-              info: dist.DistInfo, amp_dtype: torch.dtype | None) -> EvalResult:
-    sampler = EpochSampler(len(val_set), False, 0, info.rank, info.world_size)
-    loader = _loader(val_set, sampler, cfg.batch_size, cfg.data.num_workers, 0, False)
-    amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "off")
-    result, _ = evaluate(model, loader, device, val_set.label_to_category_id, val_set.coco,
-                         num_select=model.cfg.num_select, amp=amp,
+def _evaluate(cfg: TrainConfig, model: DINO, val_set: CocoDetection,
+              info: dist.DistInfo) -> EvalResult:
+    loader = build_loader(val_set, cfg.batch_size, False, cfg.data.num_workers,
+                          rank=info.rank, world_size=info.world_size)
+    result, _ = evaluate(model, loader, info.device, val_set.label_to_category_id, val_set.coco,
+                         num_select=model.cfg.num_select, amp=cfg.amp,
                          class_names=val_set.class_names)
     return result
 

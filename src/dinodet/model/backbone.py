@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import torch
 import torchvision
 from torch import Tensor, nn
@@ -68,6 +65,8 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
     else:  # validated in the config; kept for direct callers
         raise ValueError(f"unknown backbone {cfg.name!r}")
     if cfg.weights:
+        from dinodet.weights import load_backbone_weights
+
         load_backbone_weights(body, cfg.weights)
     if cfg.freeze_stem:
         frozen = ["conv1", "bn1", "patch_embed"]
@@ -77,41 +76,3 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
             if name.split(".")[0] in frozen:
                 p.requires_grad_(False)
     return body
-
-
-def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
-    """Load ImageNet weights from a local ``.pth``/``.safetensors`` file (no download).
-
-    Classifier heads (``fc.``, ``head.``) are ignored; anything else that does not fit
-    is an error naming the keys.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"backbone weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(path))
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        for key in ("model", "state_dict"):
-            if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-                sd = sd[key]
-    # Classifier-only parts and derived buffers are not part of the detector's backbone.
-    sd = {k: v for k, v in sd.items()
-          if not k.startswith(("fc.", "head.", "norm.")) and not k.endswith(_DERIVED)}
-    own = body.state_dict()
-    # Swin's per-level output norms (norm0..norm3) exist only in the detector.
-    missing = [k for k in own if k not in sd and not re.match(r"norm\d\.", k)
-               and not k.endswith(_DERIVED)]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
-              for k in sd if k in own and sd[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(f"backbone weights {path} do not fit {type(body).__name__}: "
-                         f"missing {missing[:10]}, unexpected {unexpected[:10]}, "
-                         f"mis-shaped {shapes[:10]}")
-    body.load_state_dict(sd, strict=False)
-
-
-_DERIVED = ("num_batches_tracked", "relative_position_index", "attn_mask")

@@ -13,6 +13,7 @@ from dinodet.model.backbone import build_backbone
 from dinodet.model.boxes import inverse_sigmoid
 from dinodet.model.denoising import DenoisingQueries, build_denoising_queries
 from dinodet.model.heads import box_head, class_head
+from dinodet.model.ms_deform_attn import Backend, MSDeformAttn, resolve_backend
 from dinodet.model.position import sine_feature_embedding
 from dinodet.model.query_selection import QuerySelection
 from dinodet.model.transformer import Decoder, Encoder
@@ -78,21 +79,26 @@ class DINO(nn.Module):
         self.cfg = cfg
         dim = cfg.hidden_dim
         self.backbone = build_backbone(cfg.backbone)
-        in_channels = list(self.backbone.out_channels)
-        projs = [nn.Sequential(nn.Conv2d(c, dim, 1), nn.GroupNorm(32, dim)) for c in in_channels]
+        in_channels: list[int] = list(self.backbone.out_channels)  # type: ignore[arg-type]
+        convs = [nn.Conv2d(c, dim, 1) for c in in_channels]
         c = in_channels[-1]
         for _ in range(cfg.num_feature_levels - len(in_channels)):
-            projs.append(nn.Sequential(nn.Conv2d(c, dim, 3, stride=2, padding=1),
-                                       nn.GroupNorm(32, dim)))
+            convs.append(nn.Conv2d(c, dim, 3, stride=2, padding=1))
             c = dim
-        self.input_proj = nn.ModuleList(projs)
-        for proj in self.input_proj:
-            nn.init.xavier_uniform_(proj[0].weight, gain=1)
-            nn.init.zeros_(proj[0].bias)
+        for conv in convs:
+            nn.init.xavier_uniform_(conv.weight, gain=1)
+            assert conv.bias is not None
+            nn.init.zeros_(conv.bias)
+        self.input_proj = nn.ModuleList(nn.Sequential(conv, nn.GroupNorm(32, dim))
+                                        for conv in convs)
         self.level_embed = nn.Parameter(torch.empty(cfg.num_feature_levels, dim))
         nn.init.normal_(self.level_embed)
-        layer_kwargs = dict(ffn_dim=cfg.dim_feedforward, dropout=cfg.dropout,
-                            num_levels=cfg.num_feature_levels, num_heads=cfg.num_heads)
+        # Resolved once (the environment variable is read here, not at call time), for
+        # every MSDeformAttn of the encoder and the decoder.
+        layer_kwargs: dict[str, Any] = dict(
+            ffn_dim=cfg.dim_feedforward, dropout=cfg.dropout,
+            num_levels=cfg.num_feature_levels, num_heads=cfg.num_heads,
+            attention_backend=resolve_backend(cfg.attention_backend))
         self.encoder = Encoder(cfg.enc_layers, dim=dim, num_points=cfg.enc_points,
                                **layer_kwargs)
         self.query_selection = QuerySelection(dim, cfg.num_classes, cfg.num_queries,
@@ -107,6 +113,29 @@ class DINO(nn.Module):
     @property
     def num_classes(self) -> int:
         return self.cfg.num_classes
+
+    def _deform_attns(self) -> list[MSDeformAttn]:
+        return [m for m in self.modules() if isinstance(m, MSDeformAttn)]
+
+    @property
+    def attention_backend(self) -> Backend:
+        """The backend of every :class:`MSDeformAttn` of the model (a name or a callable);
+        ValueError if they were set apart and differ."""
+        backends = [m.backend for m in self._deform_attns()]
+        first = backends[0]
+        if any(b is not first and b != first for b in backends[1:]):
+            raise ValueError(f"the model's MSDeformAttn modules have different backends "
+                             f"{backends}; set one with set_attention_backend")
+        return first
+
+    def set_attention_backend(self, backend: Backend | None) -> None:
+        """Set the backend of every :class:`MSDeformAttn`: ``"auto"``, ``"triton"``,
+        ``"torch"`` or a callable like :func:`~dinodet.model.ms_deform_attn.ms_deform_attn`;
+        None: ``DINODET_MS_DEFORM_ATTN`` if set, else ``"auto"``. ``cfg`` keeps the
+        backend the model was built with."""
+        backend = resolve_backend(backend)  # validated before any module changes
+        for m in self._deform_attns():
+            m.backend = backend
 
     def _features(self, batch: Tensor, mask: Tensor
                   ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:

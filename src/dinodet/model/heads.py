@@ -34,6 +34,8 @@ def class_head(dim: int, num_classes: int, prior_prob: float = 0.01) -> nn.Linea
 def box_head(dim: int) -> MLP:
     """3-layer box MLP predicting a (cx, cy, w, h) logit delta; starts at zero delta."""
     head = MLP(dim, dim, 4, 3)
-    nn.init.zeros_(head.layers[-1].weight)
-    nn.init.zeros_(head.layers[-1].bias)
+    last = head.layers[-1]
+    assert isinstance(last, nn.Linear)
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
     return head

@@ -25,21 +25,24 @@ Works for float64, float32, bfloat16 and float16. Half-precision inputs are samp
 float32 (sampling locations need more than bf16's 8 mantissa bits to address a pixel of
 a 100-wide map), and the result is cast back.
 
-:class:`MSDeformAttn` can instead run Triton kernels (:mod:`.ms_deform_attn_triton`, the
-custom op ``torch.ops.dinodet.ms_deform_attn``). The backend is chosen at each call:
-``"auto"`` (the default) takes them for CUDA values when triton is installed, ``"triton"``
-takes them on any device (CPU tensors run under Triton's interpreter, for tests),
-``"torch"`` never; float64 always stays on the exact PyTorch path. Set it with
-:func:`set_backend`, the :func:`backend` context manager or the environment variable
-``DINODET_MS_DEFORM_ATTN``. :func:`ms_deform_attn` itself is always the PyTorch path.
+Each :class:`MSDeformAttn` has a ``backend``, fixed when it is built (``backend=`` or,
+for a whole model, ``DINOConfig.attention_backend`` and ``DINO.set_attention_backend``) and
+changeable afterwards: ``"auto"`` takes the Triton kernels (:mod:`.ms_deform_attn_triton`,
+the custom op ``torch.ops.dinodet.ms_deform_attn``) for CUDA values when triton is
+installed and deterministic algorithms are off, ``"triton"`` takes them on any device (CPU
+tensors run under Triton's interpreter, for tests), ``"torch"`` never; float64 always stays
+on the exact PyTorch path. A callable with the signature of :func:`ms_deform_attn` replaces
+the sampling altogether (research, benchmark baselines). ``None`` at construction reads the
+environment variable ``DINODET_MS_DEFORM_ATTN``, else ``"auto"``; it is not read again
+afterwards. :func:`ms_deform_attn` itself is always the PyTorch path.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -199,63 +202,46 @@ def ms_deform_attn(
 
 BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "DINODET_MS_DEFORM_ATTN"
-_backend: str | None = None  # set_backend's choice; None defers to ENV_VAR, then "auto"
+# ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights) -> [N, Lq, M·D]
+AttentionFn = Callable[[Tensor, list[tuple[int, int]], Tensor, Tensor], Tensor]
+Backend = str | AttentionFn
 
 
-def _checked(name: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"unknown deformable-attention backend {name!r}; expected one of "
-                         f"{BACKENDS}")
-    if name == "triton" and not ms_deform_attn_triton.AVAILABLE:
+def resolve_backend(backend: Backend | None) -> Backend:
+    """Validate a backend: one of :data:`BACKENDS` or a callable (returned as is); ``None``
+    is ``DINODET_MS_DEFORM_ATTN``'s value if set, else ``"auto"``.
+
+    Raises ValueError for an unknown name and RuntimeError for ``"triton"`` without triton.
+    """
+    source = ""
+    if backend is None:
+        backend = os.environ.get(ENV_VAR) or "auto"
+        source = f" (from the environment variable {ENV_VAR})"
+    if callable(backend):
+        return backend
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"unknown deformable-attention backend {backend!r}{source}; expected "
+                         f"one of {BACKENDS} or a callable like ms_deform_attn(value, "
+                         "spatial_shapes, sampling_locations, attention_weights)")
+    if backend == "triton" and not ms_deform_attn_triton.AVAILABLE:
         raise RuntimeError("the 'triton' deformable-attention backend needs triton installed "
                            "(pip install triton), or choose 'auto' or 'torch'")
-    return name
+    return backend
 
 
-def set_backend(name: str | None) -> None:
-    """Choose the deformable-attention backend of every :class:`MSDeformAttn`: ``"auto"``,
-    ``"triton"`` or ``"torch"``; None goes back to ``DINODET_MS_DEFORM_ATTN`` (or auto)."""
-    global _backend
-    _backend = None if name is None else _checked(name)
-
-
-def get_backend() -> str:
-    """The backend in force: :func:`set_backend`'s, else ``DINODET_MS_DEFORM_ATTN``'s, else
-    ``"auto"``."""
-    if _backend is not None:
-        return _backend
-    return _checked(os.environ.get(ENV_VAR) or "auto")
-
-
-@contextlib.contextmanager
-def backend(name: str | None) -> Iterator[None]:
-    """:func:`set_backend` for the duration of a ``with`` block."""
-    global _backend
-    saved = _backend
-    set_backend(name)
-    try:
-        yield
-    finally:
-        _backend = saved
-
-
-def uses_triton(value: Tensor) -> bool:
-    """Whether :class:`MSDeformAttn` runs the Triton op for these values."""
+def uses_triton(value: Tensor, backend: Backend) -> bool:
+    """Whether an :class:`MSDeformAttn` whose backend is ``backend`` (a resolved name or a
+    callable) runs the Triton op for these [N, S, M, D] values (when not exporting)."""
+    if callable(backend):
+        return False  # the callable replaces both paths
     if value.dtype not in ms_deform_attn_triton.SUPPORTED_DTYPES:
         return False  # float64: the kernels compute in float32
-    chosen = get_backend()
-    if chosen == "auto":
+    if backend == "auto":
         # The kernels' value gradient adds with atomics, in no fixed order: deterministic
         # runs keep the PyTorch path (embedding_bag's CUDA backward is deterministic).
         return (value.is_cuda and ms_deform_attn_triton.AVAILABLE
                 and not torch.are_deterministic_algorithms_enabled())
-    return chosen == "triton"
-
-
-# MSDeformAttn fuses the location arithmetic into the chunks when ms_deform_attn is this
-# function, and calls whatever ms_deform_attn is at call time otherwise (a benchmark or a
-# test may swap in another implementation).
-_BUILTIN = ms_deform_attn
+    return backend == "triton"
 
 
 def ms_deform_attn_grid_sample(
@@ -309,11 +295,17 @@ class MSDeformAttn(nn.Module):
     Args:
         dim: model width. num_heads: attention heads (dim must divide).
         num_levels: feature levels. num_points: sampling points per head and level.
+        backend: ``"auto"``, ``"triton"``, ``"torch"`` or a callable with the signature of
+            :func:`ms_deform_attn` (see the module docstring); ``None`` reads
+            ``DINODET_MS_DEFORM_ATTN`` now, else ``"auto"``. Kept, resolved, as the
+            ``backend`` attribute, which can be reassigned (and is validated again); a
+            callable is not a submodule, even if it is an ``nn.Module``.
     """
 
     def __init__(self, dim: int = 256, num_levels: int = 4, num_heads: int = 8,
-                 num_points: int = 4) -> None:
+                 num_points: int = 4, backend: Backend | None = None) -> None:
         super().__init__()
+        self.backend = backend
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.dim, self.num_levels, self.num_heads, self.num_points = (
@@ -323,6 +315,35 @@ class MSDeformAttn(nn.Module):
         self.value_proj = nn.Linear(dim, dim)
         self.output_proj = nn.Linear(dim, dim)
         self.reset_parameters()
+
+    _backend: Backend  # kept in __dict__ (see the setter): never a registered submodule
+
+    @property
+    def backend(self) -> Backend:
+        """The resolved backend: a name of :data:`BACKENDS` or a callable."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: Backend | None) -> None:
+        # In the instance dict, not through nn.Module.__setattr__: a callable backend is
+        # never a submodule, so the state dict's keys do not depend on the backend.
+        self.__dict__["_backend"] = resolve_backend(backend)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # nn.Module.__setattr__ would register a callable that is a Module as a submodule
+        # named "backend", bypassing the property: send the name to the property whatever
+        # the value.
+        if name == "backend":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def extra_repr(self) -> str:
+        backend = self._backend
+        name = backend if isinstance(backend, str) else getattr(backend, "__qualname__",
+                                                                  repr(backend))
+        return (f"dim={self.dim}, num_levels={self.num_levels}, num_heads={self.num_heads}, "
+                f"num_points={self.num_points}, backend={name}")
 
     def reset_parameters(self) -> None:
         # Offsets start as a fan of directions, point k reaching k+1 cells away.
@@ -380,16 +401,16 @@ class MSDeformAttn(nn.Module):
             out = ms_deform_attn_grid_sample(
                 value, spatial_shapes,
                 *self._locations_and_weights(query, reference_points, spatial_shapes))
-        elif ms_deform_attn is _BUILTIN and uses_triton(value):
+        elif callable(self._backend):
+            out = self._backend(value, spatial_shapes,
+                                *self._locations_and_weights(query, reference_points,
+                                                             spatial_shapes))
+        elif uses_triton(value, self._backend):
             out = ms_deform_attn_triton.ms_deform_attn_triton(
                 value, spatial_shapes,
                 *self._locations_and_weights(query, reference_points, spatial_shapes))
-        elif ms_deform_attn is _BUILTIN:
-            out = self._fused(query, reference_points, value, spatial_shapes)
         else:
-            out = ms_deform_attn(value, spatial_shapes,
-                                 *self._locations_and_weights(query, reference_points,
-                                                              spatial_shapes))
+            out = self._fused(query, reference_points, value, spatial_shapes)
         return self.output_proj(out)
 
     def _locations_and_weights(self, query: Tensor, reference_points: Tensor,

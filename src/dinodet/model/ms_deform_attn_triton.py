@@ -29,7 +29,7 @@ calling them raises.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -224,8 +224,8 @@ def _backward_kernel(
 
 
 class _Kernels(NamedTuple):
-    forward: object
-    backward: object
+    forward: Any  # triton.JITFunction: launched as kernel[grid](...)
+    backward: Any
     interpret: bool
 
 

@@ -55,10 +55,10 @@ def encoder_proposals(memory: Tensor, padding_mask: Tensor, spatial_shapes: list
         wh = torch.full_like(grid, 0.05 * 2.0**lvl)
         proposals.append(torch.cat((grid, wh), -1).view(b, -1, 4))
         start += h * w
-    proposals = torch.cat(proposals, 1)
-    valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
+    boxes = torch.cat(proposals, 1)
+    valid = ((boxes > 0.01) & (boxes < 0.99)).all(-1, keepdim=True)
     invalid = padding_mask[..., None] | ~valid
-    logits = torch.log(proposals / (1 - proposals)).masked_fill(invalid, float("inf"))
+    logits = torch.log(boxes / (1 - boxes)).masked_fill(invalid, float("inf"))
     return memory.masked_fill(invalid, 0.0), logits
 
 
@@ -79,14 +79,13 @@ class QuerySelection(nn.Module):
         self.class_head = class_head(dim, num_classes)
         self.box_head = box_head(dim)
         self.content = nn.Embedding(num_queries, dim) if mode != "pure" else None
+        self.anchors: nn.Embedding | None = None
         if mode == "static":
             self.anchors = nn.Embedding(num_queries, 4)
             nn.init.uniform_(self.anchors.weight[:, :2], 0, 1)
             with torch.no_grad():  # learned anchor logits, spread over the image
                 self.anchors.weight[:, :2] = torch.logit(self.anchors.weight[:, :2], 1e-3)
                 self.anchors.weight[:, 2:] = torch.logit(torch.tensor(0.1))
-        else:
-            self.anchors = None
         if self.content is not None:
             nn.init.normal_(self.content.weight)
 

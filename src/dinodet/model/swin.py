@@ -203,12 +203,13 @@ class WindowAttention(nn.Module):
             torch.zeros((2 * window_size - 1) ** 2, num_heads)
         )
         # derivable from the window size, so kept out of state_dict (see _load_from_state_dict)
+        self.relative_position_index: Tensor
         self.register_buffer(_RPI, make_relative_position_index(window_size), persistent=False)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Original checkpoints carry the index; accept it only if it is the derived one.
         key = prefix + _RPI
         if key in state_dict:

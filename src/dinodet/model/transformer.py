@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from dinodet.model.boxes import inverse_sigmoid
 from dinodet.model.heads import MLP
-from dinodet.model.ms_deform_attn import MSDeformAttn
+from dinodet.model.ms_deform_attn import Backend, MSDeformAttn, resolve_backend
 from dinodet.model.position import sine_box_embedding
 from dinodet.model.tracing import exporting
 
@@ -47,12 +47,17 @@ class FFN(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """Deformable self-attention over all levels → add & norm → FFN."""
+    """Deformable self-attention over all levels → add & norm → FFN.
+
+    ``attention_backend`` is the :class:`MSDeformAttn` backend (None: its default).
+    """
 
     def __init__(self, dim: int, ffn_dim: int, dropout: float, num_levels: int,
-                 num_heads: int, num_points: int) -> None:
+                 num_heads: int, num_points: int,
+                 attention_backend: Backend | None = None) -> None:
         super().__init__()
-        self.self_attn = MSDeformAttn(dim, num_levels, num_heads, num_points)
+        self.self_attn = MSDeformAttn(dim, num_levels, num_heads, num_points,
+                                      backend=attention_backend)
         self.dropout = nn.Dropout(dropout)
         self.self_attn_norm = nn.LayerNorm(dim)
         self.ffn = FFN(dim, ffn_dim, dropout)
@@ -65,9 +70,17 @@ class EncoderLayer(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, num_layers: int, **layer_kwargs) -> None:
+    """``num_layers`` :class:`EncoderLayer`; ``layer_kwargs`` are theirs. Every layer's
+    :class:`MSDeformAttn` gets ``attention_backend`` (None: the environment variable
+    ``DINODET_MS_DEFORM_ATTN``, else ``"auto"``, read once here)."""
+
+    def __init__(self, num_layers: int, *, attention_backend: Backend | None = None,
+                 **layer_kwargs) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(EncoderLayer(**layer_kwargs) for _ in range(num_layers))
+        # Resolved once so that every layer has the same backend.
+        backend = resolve_backend(attention_backend)
+        self.layers = nn.ModuleList(EncoderLayer(attention_backend=backend, **layer_kwargs)
+                                    for _ in range(num_layers))
 
     @staticmethod
     def reference_points(spatial_shapes: list[tuple[int, int]], valid_ratios: Tensor) -> Tensor:
@@ -107,11 +120,13 @@ class DecoderLayer(nn.Module):
     """Self-attention among queries → deformable cross-attention → FFN, each post-norm."""
 
     def __init__(self, dim: int, ffn_dim: int, dropout: float, num_levels: int,
-                 num_heads: int, num_points: int) -> None:
+                 num_heads: int, num_points: int,
+                 attention_backend: Backend | None = None) -> None:
         super().__init__()
         self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
         self.self_attn_norm = nn.LayerNorm(dim)
-        self.cross_attn = MSDeformAttn(dim, num_levels, num_heads, num_points)
+        self.cross_attn = MSDeformAttn(dim, num_levels, num_heads, num_points,
+                                       backend=attention_backend)
         self.cross_attn_norm = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
         self.ffn = FFN(dim, ffn_dim, dropout)
@@ -133,14 +148,17 @@ class Decoder(nn.Module):
 
     ``box_head`` is the detector's shared box MLP; ``look_forward_twice`` keeps each
     layer's refined box attached to the graph when it becomes the next layer's reference
-    for the loss, so layer i's box loss also trains layer i−1.
+    for the loss, so layer i's box loss also trains layer i−1. ``attention_backend`` goes
+    to every layer's :class:`MSDeformAttn` as in :class:`Encoder`.
     """
 
-    def __init__(self, num_layers: int, dim: int, look_forward_twice: bool = True,
-                 **layer_kwargs) -> None:
+    def __init__(self, num_layers: int, dim: int, look_forward_twice: bool = True, *,
+                 attention_backend: Backend | None = None, **layer_kwargs) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(DecoderLayer(dim=dim, **layer_kwargs)
-                                    for _ in range(num_layers))
+        backend = resolve_backend(attention_backend)
+        self.layers = nn.ModuleList(
+            DecoderLayer(dim=dim, attention_backend=backend, **layer_kwargs)
+            for _ in range(num_layers))
         self.norm = nn.LayerNorm(dim)
         self.ref_point_head = MLP(2 * dim, dim, dim, 2)
         self.look_forward_twice = look_forward_twice

@@ -1,0 +1,181 @@
+"""One training step and the state it changes: what the loop, the benchmark and the tests
+share.
+
+:class:`TrainState` holds everything a step touches (model, criterion, optimiser, schedule,
+gradient scaler, EMA) and where the run is (:class:`Progress`); its :meth:`state_dict` /
+:meth:`load_state_dict` are the checkpoint layout, written and read in this one place.
+:func:`train_step` trains on one batch: forward under autocast, losses in float32,
+backward, and, when the batch closes its gradient-accumulation window, the optimiser
+step with unscaling, clipping, the schedule and the EMA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dinodet.data.collate import Batch
+from dinodet.engine import distributed as dist
+from dinodet.engine.config import AmpMode, OptimConfig
+from dinodet.engine.ema import ModelEMA
+from dinodet.engine.optim import build_optimizer, build_scheduler, clip_gradients
+from dinodet.loss.criterion import build_criterion
+from dinodet.model.dino import DINO
+
+__all__ = ["AMP_DTYPES", "Progress", "StepResult", "TrainState", "train_step"]
+
+AMP_DTYPES: dict[str, torch.dtype | None] = {"off": None, "bf16": torch.bfloat16,
+                                             "fp16": torch.float16}
+
+
+@dataclass
+class Progress:
+    """Where a run is; saved in every checkpoint."""
+
+    epoch: int = 0  # the epoch in progress (0-based)
+    step: int = 0  # optimiser steps so far
+    batches_done: int = 0  # batches of the current epoch already trained on
+    skipped_images: list[str] = field(default_factory=list)
+    bad_steps: int = 0  # batches with a non-finite loss, in all
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class TrainState:
+    """Everything :func:`train_step` changes. ``net`` is what the forward pass calls (the
+    DDP wrapper of ``model`` in a distributed run); ``model`` is the bare module."""
+
+    model: DINO
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    ema: ModelEMA | None = None
+    amp: AmpMode = "off"
+    clip_max_norm: float = 0.1
+    net: nn.Module | None = None
+    progress: Progress = field(default_factory=Progress)
+
+    @classmethod
+    def create(cls, model: DINO, optim: OptimConfig, steps_per_epoch: int, epochs: int,
+               amp: AmpMode = "off", ema_decay: float | None = None) -> TrainState:
+        """The recipe's state for ``model`` (already on its device): DINO's criterion,
+        AdamW with the backbone's own learning rate, the per-step schedule, a gradient
+        scaler (active for fp16 only) and, with ``ema_decay``, an EMA of the weights."""
+        optimizer = build_optimizer(model, optim)
+        device = next(model.parameters()).device
+        return cls(model=model, criterion=build_criterion(model.num_classes),
+                   optimizer=optimizer,
+                   scheduler=build_scheduler(optimizer, optim, steps_per_epoch, epochs),
+                   scaler=torch.amp.GradScaler(device.type, enabled=amp == "fp16"),
+                   ema=ModelEMA(model, ema_decay) if ema_decay is not None else None,
+                   amp=amp, clip_max_norm=optim.clip_max_norm)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training part of a checkpoint (the loop adds RNG states, the run config and
+        the class table): plain data that ``torch.load(weights_only=True)`` reads."""
+        p = self.progress
+        return {
+            "model": self.model.state_dict(), "model_config": self.model.cfg.to_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "epoch": p.epoch, "step": p.step, "batches_done": p.batches_done,
+            "skipped_images": list(p.skipped_images), "bad_steps": p.bad_steps,
+            "history": list(p.history),
+        }
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`'s output (an EMA is restored when both the
+        checkpoint and this state have one)."""
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None and ckpt.get("ema") is not None:
+            self.ema.load_state_dict(ckpt["ema"])
+        self.progress = Progress(ckpt["epoch"], ckpt["step"], ckpt["batches_done"],
+                                 list(ckpt.get("skipped_images", [])),
+                                 ckpt.get("bad_steps", 0), list(ckpt.get("history", [])))
+
+
+@dataclass
+class StepResult:
+    """What one :func:`train_step` did. ``losses``: the detached loss terms (empty for a
+    batch whose images were all unreadable); ``finite``: the loss was finite on every
+    rank (if not, the window's gradients were dropped); ``stepped``: the optimiser
+    stepped."""
+
+    losses: dict[str, Tensor]
+    finite: bool
+    stepped: bool
+
+
+def _to_float(outputs: Any) -> Any:
+    """Losses run in float32: cast half-precision outputs (nested dicts and lists) up."""
+    if isinstance(outputs, Tensor):
+        return outputs.float() if outputs.dtype in (torch.float16, torch.bfloat16) else outputs
+    if isinstance(outputs, dict):
+        return {k: _to_float(v) for k, v in outputs.items()}
+    if isinstance(outputs, list):
+        return [_to_float(v) for v in outputs]
+    return outputs
+
+
+def train_step(state: TrainState, batch: Batch, window: int = 1,
+               closes_window: bool = True) -> StepResult:
+    """Train on one batch.
+
+    The loss is divided by ``window``, the number of batches in this batch's
+    gradient-accumulation window (so the window's gradient is their mean). When
+    ``closes_window``, the optimiser steps on the accumulated gradients: unscale (fp16),
+    clip to ``clip_max_norm``, step, update the scaler, zero the gradients, step the
+    schedule, update the EMA, and count the step. In a DDP run every rank must call it
+    for the same batches; gradients are only all-reduced on the closing batch.
+
+    A non-finite loss on any rank drops the whole window's gradients on every rank and
+    takes no step (``finite=False``).
+    """
+    net = state.net if state.net is not None else state.model
+    net.train()
+    losses: dict[str, Tensor] = {}
+    if len(batch):
+        device = state.device
+        batch = batch.to(device, non_blocking=True)
+        hold_sync = isinstance(net, nn.parallel.DistributedDataParallel) and not closes_window
+        amp_dtype = AMP_DTYPES[state.amp]
+        with net.no_sync() if hold_sync else contextlib.nullcontext():  # type: ignore[operator]
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                enabled=amp_dtype is not None):
+                outputs = net(batch.images, batch.targets)
+            terms = state.criterion(_to_float(outputs), batch.targets)
+            loss = terms["loss"]
+            finite = torch.isfinite(loss.detach()).float()
+            if dist.world_size() > 1:  # every rank skips if any rank saw a NaN
+                torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+            losses = {k: v.detach() for k, v in terms.items()}
+            if finite.item() < 1:
+                state.optimizer.zero_grad(set_to_none=True)
+                state.progress.bad_steps += 1
+                return StepResult(losses, False, False)
+            state.scaler.scale(loss / window).backward()
+    if not closes_window:
+        return StepResult(losses, True, False)
+    state.scaler.unscale_(state.optimizer)
+    clip_gradients(state.model, state.clip_max_norm)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scheduler.step()
+    state.progress.step += 1
+    if state.ema is not None:
+        state.ema.update(state.model)
+    return StepResult(losses, True, True)

@@ -1,0 +1,382 @@
+"""Opening weights: every file a user has, one error type, one report of keys that don't fit.
+
+The sources, all read with ``torch.load(weights_only=True)`` or safetensors (nothing in a
+file is ever run):
+
+- a run checkpoint written by ``dinodet train`` (``.pt``): model config, class table, the
+  evaluation transform, and the raw and (with ``ema=true``) the EMA weights;
+- a model directory written by ``dinodet convert`` / :func:`save_pretrained`
+  (``model.safetensors`` + ``config.json``, no pickle at all);
+- an original DINO ``.pth`` (its keys renamed by :mod:`dinodet.convert`), with its variant;
+- a backbone file of ImageNet weights (``.pth`` or ``.safetensors``).
+
+Which weights of a run checkpoint are used is always a stated choice: ``weights="ema"``
+(the default everywhere: predict, eval, export and ``--init``) takes the EMA weights when
+the checkpoint has them and the raw ones otherwise; ``weights="raw"`` the raw ones.
+:attr:`Weights.which` says what was taken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import re
+import warnings
+import zipfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from dinodet.data.transforms import EvalTransform
+
+if TYPE_CHECKING:
+    from dinodet.config import DINOConfig
+    from dinodet.model.dino import DINO
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "LoadedModel",
+    "Weights",
+    "check_keys",
+    "from_original",
+    "load_backbone_weights",
+    "load_initial_weights",
+    "load_into",
+    "load_model",
+    "load_pretrained",
+    "open_weights",
+    "read_torch_file",
+    "save_pretrained",
+]
+
+WeightsChoice = Literal["ema", "raw"]
+
+# Globals a released checkpoint may hold besides tensors and builtins. Nothing else is
+# unpickled.
+_SAFE_GLOBALS: list[Any] = [argparse.Namespace]
+
+
+class CheckpointError(ValueError):
+    """A weights or checkpoint file that cannot be read or written, or does not fit the
+    model; the message names the file and what is wrong."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The file is not there."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def read_torch_file(path: str | Path, what: str = "checkpoint",
+                    map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` (``argparse.Namespace`` allowed, as the
+    released checkpoints hold one), with every failure a :class:`CheckpointError` naming
+    the file: missing, empty, truncated or corrupt, or holding objects that may not be
+    unpickled."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointNotFoundError(f"{what} not found: {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{what} {path} is empty (an interrupted save?)")
+    try:
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower() or "unsupported global" in str(e).lower():
+            detail = next((line.strip() for line in str(e).splitlines()
+                           if "Unsupported" in line or "GLOBAL" in line), _first_line(e))
+            raise CheckpointError(
+                f"{what} {path} holds objects that are not allowed to be unpickled "
+                f"({detail}); dinodet only loads tensors, plain data and "
+                "argparse.Namespace") from e
+        raise CheckpointError(f"{what} {path} is truncated or corrupt: {_first_line(e)}") from e
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{what} {path} is truncated or corrupt "
+                              f"({type(e).__name__}: {_first_line(e)})") from e
+    except OSError as e:
+        raise CheckpointError(f"cannot read {what} {path}: {e.strerror or e}") from e
+
+
+def _read_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise CheckpointNotFoundError(f"weights not found: {path} does not exist")
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{path} cannot be read (truncated or corrupt?): {e}") from e
+
+
+def check_keys(own: Mapping[str, Tensor], given: Mapping[str, Tensor], where: str,
+               target: str = "the model",
+               may_be_missing: Callable[[str], bool] | None = None) -> None:
+    """Raise :class:`CheckpointError` naming every key of ``given`` that does not fit
+    ``own`` (a state dict): missing (unless ``may_be_missing(key)``), unexpected, or of
+    another shape."""
+    missing = [k for k in own if k not in given
+               and not (may_be_missing is not None and may_be_missing(k))]
+    unexpected = [k for k in given if k not in own]
+    shapes = [f"{k}: {tuple(given[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in given if k in own and given[k].shape != own[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} key(s): {', '.join(missing[:20])}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} key(s): {', '.join(unexpected[:20])}")
+    if shapes:
+        problems.append(f"mis-shaped: {'; '.join(shapes[:20])}")
+    if problems:
+        raise CheckpointError(f"the weights in {where} do not fit {target}: "
+                              + " | ".join(problems))
+
+
+def load_into(module: nn.Module, state_dict: Mapping[str, Tensor], where: str,
+              skip: tuple[str, ...] = ()) -> None:
+    """Strict load (keys starting with ``skip`` may be missing) that names every key that
+    does not fit (:func:`check_keys`)."""
+    check_keys(module.state_dict(), state_dict, where,
+               may_be_missing=lambda k: k.startswith(skip) if skip else False)
+    module.load_state_dict(state_dict, strict=False)
+
+
+@dataclass
+class Weights:
+    """Weights in dinodet's layout and what is known about them.
+
+    ``config`` is None where the file holds none (an original ``.pth`` opened without a
+    variant, a bare state dict). ``which``: "ema" or "raw" for a run checkpoint, "raw"
+    otherwise. ``transform`` is how the model was evaluated (800 px where unknown).
+    """
+
+    state_dict: dict[str, Tensor]
+    config: DINOConfig | None
+    kind: str
+    path: Path
+    which: WeightsChoice = "raw"
+    classes: list[dict[str, Any]] | None = None
+    transform: EvalTransform = field(default_factory=EvalTransform)
+
+    def describe(self) -> str:
+        """e.g. ``dinodet checkpoint runs/x/best.pt (EMA weights)``."""
+        return f"{self.kind} {self.path} ({'EMA' if self.which == 'ema' else 'raw'} weights)"
+
+
+def _check_choice(weights: str) -> None:
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+
+
+def _run_transform(config: Mapping[str, Any]) -> EvalTransform:
+    """The evaluation transform a run trained with (``data.transform``; checkpoints older
+    than that key held the sizes in ``data`` itself)."""
+    data = config.get("data") or {}
+    sizes = data.get("transform") or data
+    size = sizes.get("eval_size")
+    return EvalTransform(int(size), sizes.get("max_size")) if size else EvalTransform()
+
+
+def open_weights(path: str | Path, variant: str | None = None,
+                 weights: WeightsChoice = "ema") -> Weights:
+    """Read any weights file dinodet knows (see the module docstring) into dinodet's
+    layout. ``variant`` names the preset of an original DINO ``.pth``; ``weights``
+    chooses between the EMA and raw weights of a run checkpoint."""
+    from dinodet.config import DINOConfig, get_preset
+
+    _check_choice(weights)
+    if variant is not None:
+        get_preset(variant)  # an unknown variant fails before any file is read
+    path = Path(path)
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise CheckpointNotFoundError(f"{path} is not a dinodet model directory: "
+                                          "config.json missing")
+        try:
+            meta = json.loads(cfg_file.read_text())
+            config: DINOConfig | None = DINOConfig.from_dict(meta["config"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{cfg_file} is not a valid dinodet config: {e}") from e
+        sd = _read_safetensors(path / "model.safetensors")
+        return Weights(sd, config, "dinodet model directory", path, "raw",
+                       meta.get("classes"), EvalTransform.from_metadata(meta))
+    if path.suffix == ".safetensors":
+        return Weights(_read_safetensors(path), None, "safetensors file", path)
+    obj = read_torch_file(path)
+    if isinstance(obj, dict) and "model_config" in obj:  # a dinodet run checkpoint
+        ema = obj.get("ema")
+        which: WeightsChoice = "ema" if weights == "ema" and ema else "raw"
+        sd = ema["module"] if ema and which == "ema" else obj["model"]
+        return Weights(dict(sd), DINOConfig.from_dict(obj["model_config"]),
+                       "dinodet checkpoint", path, which, obj.get("classes"),
+                       _run_transform(obj.get("config") or {}))
+    return _state_dict_weights(obj, path, variant)
+
+
+def _state_dict_weights(obj: Any, path: Path, variant: str | None) -> Weights:
+    """A loaded state dict (or a checkpoint holding one): the original's layout is
+    renamed (and configured from ``variant``), anything else is taken as dinodet's."""
+    from dinodet import convert
+
+    raw = convert.extract_state_dict(obj, str(path))
+    if not convert.is_original_layout(raw):
+        return Weights(raw, None, "state dict", path)
+    convert.check_swin_index(raw)
+    renamed = convert.original_to_dinodet(raw)
+    config = convert.infer_config(renamed, variant) if variant is not None else None
+    return Weights(renamed, config, "original DINO checkpoint", path)
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode and what goes with it."""
+
+    model: DINO
+    classes: list[dict[str, Any]] | None  # label, category_id, name (None: class = id)
+    transform: EvalTransform
+    weights: Weights
+
+    @property
+    def kind(self) -> str:
+        return self.weights.kind
+
+
+def load_model(path: str | Path, variant: str | None = None,
+               weights: WeightsChoice = "ema",
+               map_location: str | torch.device = "cpu") -> LoadedModel:
+    """A model in eval mode from a run checkpoint, a model directory, or an original
+    DINO ``.pth`` with its ``variant``; ``weights`` as in :func:`open_weights`."""
+    from dinodet.model.dino import DINO
+
+    found = open_weights(path, variant, weights)
+    if found.config is None:
+        hint = ("give its variant (e.g. --variant r50-4scale)"
+                if found.kind == "original DINO checkpoint"
+                else "it holds no model config: use a run checkpoint, a model directory "
+                     "or an original DINO checkpoint with its variant")
+        raise CheckpointError(f"{path} is a {found.kind}: {hint}")
+    model = DINO(found.config)
+    load_into(model, found.state_dict, str(path))
+    model.to(map_location)
+    return LoadedModel(model.eval(), found.classes, found.transform, found)
+
+
+def from_original(source: str | Path | Mapping[str, Any], variant: str,
+                  num_classes: int | None = None) -> DINO:
+    """Build ``variant`` and load an original DINO checkpoint into it (eval mode).
+
+    Args:
+        source: path of a released ``.pth`` or its (state) dict.
+        variant: ``r50-4scale``, ``r50-5scale``, ``swinl-4scale`` or ``swinl-5scale``.
+        num_classes: fine-tune to this many classes: the class heads and the denoising
+            label table are re-initialised (a warning names them); all else is loaded.
+    """
+    from dinodet import convert
+    from dinodet.config import get_preset
+    from dinodet.model.dino import DINO
+
+    get_preset(variant)  # unknown variants fail before any file is read
+    from_file = isinstance(source, (str, Path))
+    where = Path(source) if isinstance(source, (str, Path)) else Path("state dict")
+    found = _state_dict_weights(read_torch_file(where) if from_file else source, where,
+                                variant)
+    if found.config is None:
+        raise CheckpointError(f"{where} is not an original DINO checkpoint (no "
+                              "'transformer.' or 'backbone.0.' keys)")
+    sd, cfg = found.state_dict, found.config
+    skip: tuple[str, ...] = ()
+    if num_classes is not None and num_classes != cfg.num_classes:
+        warnings.warn(
+            f"fine-tuning from {cfg.num_classes} to {num_classes} classes: re-initialising "
+            f"{', '.join(p.rstrip('.') for p in convert.CLASS_DEPENDENT)}", stacklevel=2)
+        cfg = cfg.replace(num_classes=num_classes, dn_labelbook_size=None)
+        sd = {k: v for k, v in sd.items() if not k.startswith(convert.CLASS_DEPENDENT)}
+        skip = convert.CLASS_DEPENDENT
+    model = DINO(cfg)
+    load_into(model, sd, str(where), skip=skip)
+    return model.eval()
+
+
+def save_pretrained(model: DINO, out_dir: str | Path, extra: dict[str, Any] | None = None,
+                    transform: EvalTransform | None = None) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` (loadable with no pickle at all).
+
+    ``extra`` goes into config.json as it is (``classes``, ``source``, ...); ``transform``
+    (the evaluation resize) too, as ``eval_size`` / ``max_size`` / ``mean`` / ``std``.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "dinodet"})
+    meta = {"config": model.cfg.to_dict(), **(transform.metadata() if transform else {}),
+            **(extra or {})}
+    (out / "config.json").write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu") -> DINO:
+    """Load a directory written by :func:`save_pretrained` / ``dinodet convert`` (eval
+    mode)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointNotFoundError(f"{path} is not a dinodet model directory")
+    return load_model(path, map_location=map_location).model
+
+
+def load_initial_weights(model: DINO, path: str | Path,
+                         weights: WeightsChoice = "ema") -> Weights:
+    """Start training from ``path`` (any source of :func:`open_weights`): every tensor
+    that fits is loaded; class-head tensors whose class count differs are left
+    re-initialised (warned about, by name). Anything else that does not fit is an error
+    naming the keys. Returns what was read (``.which`` says EMA or raw)."""
+    from dinodet.convert import CLASS_DEPENDENT
+
+    found = open_weights(path, weights=weights)
+    own = model.state_dict()
+    reinit = sorted(k for k, v in found.state_dict.items() if k in own
+                    and k.startswith(CLASS_DEPENDENT) and v.shape != own[k].shape)
+    if reinit:
+        warnings.warn(f"{path} ({found.kind}) has another number of classes: "
+                      f"re-initialising {', '.join(reinit)}", stacklevel=2)
+    load_into(model, {k: v for k, v in found.state_dict.items() if k not in reinit},
+              str(path), skip=tuple(reinit))
+    return found
+
+
+# Classifier-only parts and derived buffers of ImageNet checkpoints: not the detector's.
+_CLASSIFIER = ("fc.", "head.", "norm.")
+_DERIVED = ("num_batches_tracked", "relative_position_index", "attn_mask")
+
+
+def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
+    """Load ImageNet weights from a local ``.pth`` / ``.safetensors`` file (no download).
+
+    Classifier heads (``fc.``, ``head.``) are ignored; anything else that does not fit is
+    an error naming the keys. Swin's per-level output norms exist only in the detector.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        sd: Any = _read_safetensors(path)
+    else:
+        sd = read_torch_file(path, "backbone weights")
+        for key in ("model", "state_dict"):
+            if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+                sd = sd[key]
+    if not isinstance(sd, Mapping):
+        raise CheckpointError(f"backbone weights {path} hold no state dict")
+    sd = {k: v for k, v in sd.items()
+          if not k.startswith(_CLASSIFIER) and not k.endswith(_DERIVED)}
+    check_keys(body.state_dict(), sd, f"backbone weights {path}", type(body).__name__,
+               may_be_missing=lambda k: bool(re.match(r"norm\d\.", k)) or k.endswith(_DERIVED))
+    body.load_state_dict(sd, strict=False)

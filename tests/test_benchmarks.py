@@ -1,0 +1,148 @@
+"""The benchmark scripts run, write their JSON through ``common.write_json``, and their
+baseline is the same computation as dinodet's deformable attention."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dinodet
+from dinodet.model.ms_deform_attn import ms_deform_attn
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # what `python benchmarks/X.py` does for the scripts
+
+import common  # noqa: E402
+
+SCRIPTS = ["bench_inference.py", "bench_train.py", "bench_detect.py", "bench_gpu.py",
+           "bench_ms_deform_attn_gpu.py"]
+
+
+def _run(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+# Runs every script as ``python benchmarks/X.py --help`` would (as ``__main__``, with
+# benchmarks/ first on sys.path), one after the other in one interpreter: importing torch
+# and dinodet once rather than once per script keeps this test to a few seconds.
+HELP_DRIVER = """
+import contextlib, io, json, runpy, sys
+bench, results = sys.argv[1], {}
+for script in sys.argv[2:]:
+    path = f"{bench}/{script}"
+    sys.argv, sys.path[0] = [path, "--help"], bench
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(path, run_name="__main__")
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else (exit.code is not None)
+        except BaseException as error:
+            code, err = -1, io.StringIO(repr(error))
+    results[script] = {"code": code, "stdout": out.getvalue(), "stderr": err.getvalue()}
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def help_runs() -> dict[str, dict]:
+    proc = _run("-c", HELP_DRIVER, str(BENCHMARKS), *SCRIPTS, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help(script: str, help_runs: dict[str, dict]) -> None:
+    run = help_runs[script]
+    assert run["code"] == 0, run["stderr"]
+    assert run["stdout"].startswith("usage:") and "--json" in run["stdout"]
+
+
+def test_no_bench_loads_another_by_path() -> None:
+    for path in BENCHMARKS.glob("*.py"):
+        text = path.read_text()
+        assert "spec_from_file_location" not in text and "importlib" not in text, path.name
+
+
+def test_bench_train_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "out" / "train.json"
+    proc = _run("benchmarks/bench_train.py", "--variant", "cpu-small", "--size", "96",
+                "--batch-size", "2", "--repeats", "1", "--threads", "1", "--data-images", "4",
+                "--data-workers", "0", "--json", str(out), timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"wrote {out}" in proc.stdout
+    assert "vs baseline" in proc.stdout
+    payload = json.loads(out.read_text())
+    assert payload["benchmark"] == "bench_train"
+    meta = payload["meta"]
+    assert meta["torch"] == torch.__version__
+    assert meta["date"][:4].isdigit() and meta["python"]
+    assert meta["torch_threads"] == 1
+    assert payload["settings"]["variant"] == "cpu-small"
+    results = payload["results"]
+    medians = results["medians"]
+    assert set(medians) == {"dinodet", "baseline (original attention)"}
+    assert all(m > 0 for m in medians.values())
+    assert all(len(runs) == 1 for runs in results["runs"].values())
+    assert results["data_images_per_s"] > 0
+    assert not list(out.parent.glob("*.tmp"))  # the atomic write left no temporary file
+
+
+def test_write_json_replaces_atomically(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "r.json"
+    path.write_text("old")
+    common.write_json(path, "demo", {"n": 1, "where": tmp_path}, {"x": [1.5]})
+    payload = json.loads(path.read_text())
+    assert payload["benchmark"] == "demo"
+    assert payload["settings"] == {"n": 1, "where": str(tmp_path)}
+    assert payload["results"] == {"x": [1.5]}
+    assert {"date", "time", "python", "torch", "torchvision", "onnxruntime", "triton",
+            "platform", "processor", "machine", "torch_threads", "cuda_device",
+            "git_commit"} <= set(payload["meta"])
+    assert capsys.readouterr().out.strip() == f"wrote {path}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+def test_summarize_ratios() -> None:
+    res = common.summarize({"base": [2.0, 4.0, 3.0], "new": [1.0, 1.5, 2.0]}, baseline="base")
+    assert res["base"]["median_s"] == 3.0 and res["base"]["ratio_vs_baseline"] == 1.0
+    assert res["new"]["min_s"] == 1.0 and res["new"]["max_s"] == 2.0
+    assert res["new"]["ratio_vs_baseline"] == pytest.approx(0.5)
+    assert common.summarize({"a": [1.0]})["a"]["ratio_vs_baseline"] is None
+
+
+def test_original_style_matches_ms_deform_attn() -> None:
+    """The baseline computes what dinodet's attention computes: same outputs in float64,
+    samples outside the image (zeros) included."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(6, 9), (3, 5), (2, 3), (1, 1)]
+    n, lq, m, d, p = 2, 7, 3, 4, 3
+    s = sum(h * w for h, w in shapes)
+    value = torch.randn(n, s, m, d, generator=g, dtype=torch.float64)
+    loc = torch.rand(n, lq, m, len(shapes), p, 2, generator=g, dtype=torch.float64)
+    loc = 1.3 * loc - 0.15  # some points fall outside [0, 1]
+    weights = torch.rand(n, lq, m, len(shapes) * p, generator=g, dtype=torch.float64)
+    weights = weights.softmax(-1).view(n, lq, m, len(shapes), p)
+    expected = ms_deform_attn(value, shapes, loc, weights)
+    got = common.original_style_ms_deform_attn(value, shapes, loc, weights)
+    assert got.shape == expected.shape == (n, lq, m * d)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+
+
+def test_original_attention_switches_backend_and_restores() -> None:
+    model = dinodet.build_model("cpu-small")
+    model.set_attention_backend("torch")
+    with common.original_attention(model):
+        assert model.attention_backend is common.original_style_ms_deform_attn
+    assert model.attention_backend == "torch"
+    with pytest.raises(RuntimeError), common.original_attention(model):
+        raise RuntimeError("restored even on an error")
+    assert model.attention_backend == "torch"
