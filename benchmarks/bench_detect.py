@@ -18,7 +18,6 @@ the machine's noise alike:
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -29,6 +28,8 @@ from pathlib import Path
 import torch
 
 import dinodet
+from common import timed, write_json
+from dinodet.data.transforms import EvalTransform
 from dinodet.export import export_model
 from dinodet.predict import Detector
 
@@ -52,7 +53,7 @@ def bench_model(name: str, height: int, width: int, repeats: int, warmup: int,
                              example_size=(height, width))
     export_s = time.perf_counter() - t0
 
-    det = Detector(model, eval_size=min(height, width), max_size=max(height, width))
+    det = Detector(model, transform=EvalTransform(min(height, width), max(height, width)))
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
@@ -74,9 +75,7 @@ def bench_model(name: str, height: int, width: int, repeats: int, warmup: int,
     times: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(repeats):
         for key, run in runners.items():
-            start = time.perf_counter()
-            run()
-            times[key].append(time.perf_counter() - start)
+            times[key].append(timed(run))
     result = {"model": name, "height": height, "width": width, "export_s": export_s,
               "onnx_mb": onnx_path.stat().st_size / 1e6}
     for key, ts in times.items():
@@ -118,10 +117,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['Detector']['images_per_s']:>15.3f} "
               f"{r['onnxruntime']['images_per_s']:>18.3f} {r['onnx_over_detector']:>6.2f}")
     if args.json:
-        meta = {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-                "threads": args.threads, "date": time.strftime("%Y-%m-%d"),
-                "machine": platform.machine()}
-        Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        settings = {k: v for k, v in vars(args).items() if k != "json"}
+        write_json(args.json, "bench_detect", settings, results)
     return 0
 
 

@@ -33,10 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import json
 import platform
-import statistics
 import sys
 import time
 import warnings
@@ -46,9 +43,9 @@ from typing import Any
 import torch
 
 import dinodet
+from common import stats, write_json
 from dinodet.engine.config import OptimConfig
 from dinodet.engine.optim import build_optimizer, clip_gradients
-from dinodet.model import ms_deform_attn as msda
 from dinodet.model import ms_deform_attn_triton as mst
 
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -147,16 +144,9 @@ def measure(run: Callable[[], None], batch: int, warmup: int, repeats: int,
         run()
         synchronize(device)
         seconds.append(time.perf_counter() - start)
-    median = statistics.median(seconds)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return {
-        "median_s": median,
-        "min_s": min(seconds),
-        "max_s": max(seconds),
-        "runs_s": seconds,
-        "images_per_s": batch / median,
-        "peak_mib": peak,
-    }
+    result = stats(seconds)
+    return {**result, "images_per_s": batch / result["median_s"], "peak_mib": peak}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,11 +184,11 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_gpu: --backend triton needs triton installed (pip install triton)",
               file=sys.stderr)
         return 1
-    msda.set_backend(args.backend)
     height, width = args.size
 
     torch.manual_seed(0)
-    model = dinodet.build_model(args.variant).to(device)
+    cfg = dinodet.get_preset(args.variant).replace(attention_backend=args.backend)
+    model = dinodet.build_model(cfg).to(device)
     num_classes = model.num_classes
     runnable: torch.nn.Module = torch.compile(model) if args.compile else model
     device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -253,20 +243,8 @@ def main(argv: list[str] | None = None) -> int:
           "allocated by PyTorch (CUDA only); syncs: host waits per run (--count-syncs)")
 
     if args.json:
-        payload = {
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": device_name,
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "triton": triton_version,
-            "python": sys.version.split()[0],
-            "machine": platform.machine(),
-            "settings": {k: v for k, v in vars(args).items() if k != "json"},
-            "results": results,
-        }
-        with open(args.json, "w") as f:
-            json.dump(payload, f, indent=2)
-        print(f"wrote {args.json}")
+        settings = {k: v for k, v in vars(args).items() if k != "json"}
+        write_json(args.json, "bench_gpu", {**settings, "device_name": device_name}, results)
     return 0
 
 

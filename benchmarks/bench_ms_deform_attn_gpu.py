@@ -23,9 +23,7 @@ largest difference of each output from the ``torch`` path's.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import statistics
 import sys
 from collections.abc import Callable
@@ -33,6 +31,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from common import write_json
 from dinodet.model import ms_deform_attn as msda
 from dinodet.model import ms_deform_attn_triton as mst
 
@@ -229,26 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         "max |diff|: output (forward) or gradients (forward+backward) against torch's."
     )
     if args.json:
-        payload = {
-            "batch": args.batch,
-            "height": args.height,
-            "width": args.width,
-            "levels": shapes,
-            "heads": args.heads,
-            "head_dim": args.head_dim,
-            "points": args.points,
-            "warmup": args.warmup,
-            "repeats": args.repeats,
-            "device": torch.cuda.get_device_name(),
-            "torch": torch.__version__,
-            "triton": getattr(mst.triton, "__version__", None),
-            "python": sys.version.split()[0],
-            "machine": platform.machine(),
-            "results": results,
-        }
-        with open(args.json, "w") as f:
-            json.dump(payload, f, indent=2)
-        print(f"wrote {args.json}")
+        settings = {k: v for k, v in vars(args).items() if k != "json"}
+        write_json(args.json, "bench_ms_deform_attn_gpu", {**settings, "levels": shapes},
+                   results)
     return 0
 
 

@@ -17,23 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "PRESETS",
-    "CheckpointError",
-    "DINOConfig",
-    "Detections",
-    "Detector",
-    "EvalTransform",
-    "__version__",
-    "build_criterion",
-    "build_model",
-    "from_original",
-    "get_preset",
-    "load_model",
-    "load_pretrained",
-    "postprocess",
-    "save_pretrained",
-]
+__all__ = ["PRESETS", "CheckpointError", "DINOConfig", "Detections", "Detector", "EvalTransform",
+           "__version__", "build_criterion", "build_model", "from_original", "get_preset",
+           "load_model", "load_pretrained", "postprocess", "save_pretrained"]
 
 if TYPE_CHECKING:
     from dinodet.config import PRESETS, DINOConfig, get_preset
@@ -50,23 +36,17 @@ if TYPE_CHECKING:
         save_pretrained,
     )
 
-_LAZY = {
-    "PRESETS": "dinodet.config",
-    "DINOConfig": "dinodet.config",
-    "get_preset": "dinodet.config",
-    "CheckpointError": "dinodet.weights",
-    "EvalTransform": "dinodet.data.transforms",
-    "from_original": "dinodet.weights",
-    "load_model": "dinodet.weights",
-    "load_pretrained": "dinodet.weights",
-    "save_pretrained": "dinodet.weights",
-    "build_criterion": "dinodet.loss.criterion",
-    "postprocess": "dinodet.model.postprocess",
-    "DINO": "dinodet.model.dino",
-    "Detector": "dinodet.predict",
-    "Detections": "dinodet.predict",
-}
-
+# name -> module, imported on first use: `import dinodet` stays free of torch start-up cost.
+_LAZY = {name: module for module, names in {
+    "dinodet.config": ("PRESETS", "DINOConfig", "get_preset"),
+    "dinodet.weights": ("CheckpointError", "from_original", "load_model", "load_pretrained",
+                        "save_pretrained"),
+    "dinodet.data.transforms": ("EvalTransform",),
+    "dinodet.loss.criterion": ("build_criterion",),
+    "dinodet.model.postprocess": ("postprocess",),
+    "dinodet.model.dino": ("DINO",),
+    "dinodet.predict": ("Detector", "Detections"),
+}.items() for name in names}
 
 def build_model(config: str | DINOConfig) -> DINO:
     """A randomly initialised model from a preset name or a config."""
@@ -80,7 +60,6 @@ def build_model(config: str | DINOConfig) -> DINO:
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy imports keep `import dinodet` free of torch start-up cost and side effects.
     if name in _LAZY:
         import importlib
 

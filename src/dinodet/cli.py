@@ -218,6 +218,21 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_source(p: argparse.ArgumentParser, name: str) -> None:
+    """The model arguments of eval, predict and export: the file, --variant, --weights."""
+    from dinodet.config import PRESETS
+
+    what = "dinodet checkpoint / model directory, or original .pth with --variant"
+    if name.startswith("-"):
+        p.add_argument(name, required=True, help=what)
+    else:
+        p.add_argument(name, help=what)
+    p.add_argument("--variant", choices=sorted(PRESETS), help="for an original DINO .pth")
+    p.add_argument("--weights", choices=["ema", "raw"], default="ema",
+                   help="of a run checkpoint trained with EMA: the EMA weights (default) or the "
+                        "raw ones")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dinodet.config import PRESETS
 
@@ -260,19 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="COCO metrics of a checkpoint on a dataset")
-    p.add_argument("--checkpoint", required=True,
-                   help="dinodet checkpoint / model directory, or original .pth with --variant")
+    _model_source(p, "--checkpoint")
     p.add_argument("--ann", required=True, help="COCO annotation json")
     p.add_argument("--images", required=True, help="image folder")
     p.add_argument("--out", help="write detections here (COCO results json)")
-    p.add_argument("--variant", choices=sorted(PRESETS), help="for an original DINO .pth")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--max-size", type=int, default=None,
                    help="cap on the longer side (default: the checkpoint's, or 1333/800 of "
                         "--eval-size)")
-    p.add_argument("--weights", choices=["ema", "raw"], default="ema",
-                   help="of a run checkpoint trained with EMA: the EMA weights (default) or the "
-                        "raw ones")
     p.add_argument("--eval-size", type=int, default=None, help="shorter side (default: "
                    "the checkpoint's training setting, else 800)")
     p.add_argument("--keep-category-ids", action="store_true",
@@ -298,13 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("predict", help="detect objects in images, write annotated copies + JSON")
-    p.add_argument("checkpoint",
-                   help="dinodet checkpoint / model directory, or original .pth with --variant")
+    _model_source(p, "checkpoint")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or globs")
     p.add_argument("--out", required=True, help="folder for annotated PNGs and detections.json")
     p.add_argument("--threshold", type=float, default=0.3, help="minimum score to keep")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--variant", choices=sorted(PRESETS), help="for an original DINO .pth")
     p.add_argument("--size", type=int, default=None,
                    help="resize the shorter side to this (default: the checkpoint's "
                         "evaluation size, else 800)")
@@ -312,24 +320,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap on the longer side after resizing (default: the checkpoint's, "
                         "or 1333/800 of --size)")
     p.add_argument("--workers", type=int, default=0, help="image-reading processes")
-    p.add_argument("--weights", choices=["ema", "raw"], default="ema",
-                   help="of a run checkpoint trained with EMA: the EMA weights (default) or the "
-                        "raw ones")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("export", help="export a model to ONNX or a torch.export program")
-    p.add_argument("checkpoint",
-                   help="dinodet checkpoint / model directory, or original .pth with --variant")
+    _model_source(p, "checkpoint")
     p.add_argument("--format", default="onnx", choices=["onnx", "torch-export"])
     p.add_argument("--out", help="file to write (default: next to the checkpoint, "
                                  ".onnx or .pt2)")
-    p.add_argument("--variant", choices=sorted(PRESETS), help="for an original DINO .pth")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
                    help="example input traced (default: the evaluation size, 4:3)")
-    p.add_argument("--weights", choices=["ema", "raw"], default="ema",
-                   help="of a run checkpoint trained with EMA: the EMA weights (default) or the "
-                        "raw ones")
     p.add_argument("--static", action="store_true",
                    help="fix batch 2 and the example size instead of dynamic axes")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17)")

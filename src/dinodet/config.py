@@ -1,10 +1,7 @@
 """Typed configuration of the DINO detector and its named presets.
 
-A config is plain data: dataclasses that round-trip through ``to_dict`` / ``from_dict``
-(JSON or YAML) by way of :mod:`dinodet.settings`, checked on the way in, so an unknown key
-or a bad value is an error that names it (``hidden_dim: not divisible by num_heads=8, got
-100``). Choices (``Literal`` fields) and types are checked by the field annotations; the
-checks between values are in ``__post_init__``.
+Dataclasses that round-trip through ``to_dict`` / ``from_dict`` (:mod:`dinodet.settings`);
+types and choices are checked by the annotations, checks between values in ``__post_init__``.
 """
 
 from __future__ import annotations
@@ -26,11 +23,10 @@ AttentionBackend = Literal["auto", "triton", "torch"]
 class BackboneConfig:
     """The image backbone.
 
-    ``return_levels`` indexes the backbone's stages (ResNet layer1..4 / Swin stages 0..3):
-    (1, 2, 3) gives C3-C5 (4-scale with one extra level), (0, 1, 2, 3) C2-C5 (5-scale).
-    ``frozen_batchnorm`` keeps BatchNorm statistics and affine fixed, as the original does
-    on top of ImageNet weights; ``freeze_stem`` gives conv1/bn1/layer1 no gradient.
-    ``weights`` is a local file of pretrained weights (nothing is downloaded).
+    ``return_levels`` indexes the stages (ResNet layer1..4 / Swin stages 0..3): (1, 2, 3) gives
+    C3-C5 (4-scale with one extra level), (0, 1, 2, 3) C2-C5 (5-scale). ``frozen_batchnorm``
+    keeps BatchNorm statistics and affine fixed, as the original does on ImageNet weights;
+    ``freeze_stem`` gives conv1/bn1/layer1 no gradient; ``weights``: a local file, never fetched.
     """
 
     name: BackboneName = "resnet50"
@@ -78,9 +74,8 @@ class DINOConfig:
     mask_padded_proposals: bool = False
     # Post-processing.
     num_select: int = 300
-    # Multi-scale deformable attention kernels: "auto" (Triton on CUDA when installed),
-    # "triton" or "torch". None: the DINODET_MS_DEFORM_ATTN environment variable, else
-    # "auto", read when the model is built.
+    # "auto" (Triton on CUDA when installed), "triton" or "torch"; None: the
+    # DINODET_MS_DEFORM_ATTN environment variable, else "auto", read when the model is built.
     attention_backend: AttentionBackend | None = None
 
     def __post_init__(self) -> None:
@@ -126,39 +121,22 @@ class DINOConfig:
         return DINOConfig.from_dict(tree)
 
 
-def _r50(levels: tuple[int, ...]) -> DINOConfig:
-    return DINOConfig(
-        backbone=BackboneConfig(name="resnet50", return_levels=levels),
-        num_feature_levels=len(levels) + 1,
-    )
-
-
-def _swin(levels: tuple[int, ...]) -> DINOConfig:
-    return DINOConfig(
-        backbone=BackboneConfig(name="swin_l_384", return_levels=levels),
-        num_feature_levels=len(levels) + 1,
-    )
+def _preset(backbone: BackboneName, levels: tuple[int, ...]) -> DINOConfig:
+    return DINOConfig(backbone=BackboneConfig(name=backbone, return_levels=levels),
+                      num_feature_levels=len(levels) + 1)
 
 
 PRESETS: dict[str, DINOConfig] = {
-    "r50-4scale": _r50((1, 2, 3)),
-    "r50-5scale": _r50((0, 1, 2, 3)),
-    "swinl-4scale": _swin((1, 2, 3)),
-    "swinl-5scale": _swin((0, 1, 2, 3)),
+    "r50-4scale": _preset("resnet50", (1, 2, 3)),
+    "r50-5scale": _preset("resnet50", (0, 1, 2, 3)),
+    "swinl-4scale": _preset("swin_l_384", (1, 2, 3)),
+    "swinl-5scale": _preset("swin_l_384", (0, 1, 2, 3)),
     # Small enough to train on a 2-core CPU at ~320 px: ResNet-18, narrow and shallow.
     "cpu-small": DINOConfig(
         backbone=BackboneConfig(name="resnet18", return_levels=(1, 2, 3), frozen_batchnorm=False,
                                 freeze_stem=False),
-        hidden_dim=128,
-        num_feature_levels=4,
-        num_heads=4,
-        enc_layers=2,
-        dec_layers=3,
-        dim_feedforward=512,
-        num_queries=100,
-        dn_number=30,
-        num_select=100,
-    ),
+        hidden_dim=128, num_feature_levels=4, num_heads=4, enc_layers=2, dec_layers=3,
+        dim_feedforward=512, num_queries=100, dn_number=30, num_select=100),
 }
 
 

@@ -1,19 +1,11 @@
-"""One walker for every configuration dataclass: plain data in, typed and checked objects out.
+"""Plain data <-> configuration dataclasses (``DINOConfig``, ``TrainConfig``, ``TransformConfig``).
 
-Each config of dinodet (``DINOConfig``, ``TrainConfig`` and its sections, ``TransformConfig``)
-is a dataclass whose field annotations are its schema. :func:`from_dict` checks a mapping's
-keys against the fields (an unknown key gets a did-you-mean hint), coerces every value to its
-field's type (``Literal`` of strings, fixed and variable tuples, int / float / bool / str,
-optional values, nested dataclasses) and constructs; :func:`to_dict` is the inverse (plain
-JSON data, tuples as lists). :func:`merge` lays partial mappings onto such plain data and
-:func:`apply_override` one ``--set a.b.c=value`` string, read as YAML with its quirks
-smoothed over: PyYAML reads ``2e-4`` as a string (accepted where a float is expected) and
-``off`` as ``False`` (kept as ``"off"`` where the field wants a string or a ``Literal``);
-``null`` means None for an optional field.
-
-Every error reads ``"<dotted.key>: <why>, got <value>"``. A dataclass's own checks in
-``__post_init__`` go through :func:`require` and name its fields relative to itself;
-:func:`from_dict` puts the section's path in front (``model.backbone.name: ...``).
+A dataclass's field annotations are its schema: ``Literal`` of strings, fixed and variable
+tuples, int / float / bool / str, optional values and nested dataclasses. Unknown keys get a
+did-you-mean hint; YAML's quirks are smoothed over (``2e-4``, a string to PyYAML, is accepted
+as a float; ``off``, ``False`` to PyYAML, stays ``"off"`` for a string or ``Literal`` field).
+Every error reads ``"<dotted.key>: <why>, got <value>"``: ``__post_init__`` checks use
+:func:`require` with keys relative to their class, :func:`from_dict` prefixes the section path.
 """
 
 from __future__ import annotations
@@ -47,8 +39,8 @@ def require(ok: bool, key: str, value: object, why: str) -> None:
 def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     """A ``cls`` from plain data, every key checked and every value coerced to its field's type.
 
-    ``prefix`` is the dotted path of this section (``"model."``), put in front of every key
-    an error names. Sections may be given as mappings or as instances.
+    ``prefix`` (``"model."``) goes before every key an error names; sections may be mappings
+    or instances.
     """
     require(isinstance(data, Mapping), prefix[:-1] or "<root>", data, "expected a mapping")
     kwargs = {str(k): _coerce(v, _field(cls, str(k), prefix, v), f"{prefix}{k}")
@@ -66,11 +58,8 @@ def to_dict(obj: DataclassInstance) -> dict[str, Any]:
 
 
 def coerce_fields(obj: DataclassInstance) -> None:
-    """Coerce a dataclass's fields in place, for ``__post_init__`` of direct construction.
-
-    So ``OptimConfig(betas=[0.9, 0.99])`` stores a tuple and ``TrainConfig(epochs="many")``
-    is an error naming ``epochs``; mappings given for sections are built with :func:`from_dict`.
-    """
+    """Coerce a dataclass's fields in place (for ``__post_init__``): ``OptimConfig(betas=[0.9,
+    0.99])`` stores a tuple, ``TrainConfig(epochs="many")`` is an error naming ``epochs``."""
     for name, tp in _hints(type(obj)).items():
         setattr(obj, name, _coerce(getattr(obj, name), tp, name))
 
@@ -78,10 +67,9 @@ def coerce_fields(obj: DataclassInstance) -> None:
 def merge(tree: dict[str, Any], cls: type, updates: Mapping[str, Any], prefix: str = "") -> None:
     """Lay ``updates`` (a partial mapping of ``cls``'s fields) onto the plain data ``tree``.
 
-    Keys are checked and values coerced now, so an error belongs to the layer that gave the
-    value; checks between fields wait for :func:`from_dict`. Sections merge key by key
-    (``{"optim": {"lr": 2e-4}}`` changes only ``optim.lr``); ``None`` for a section (an
-    empty YAML section) changes nothing.
+    Keys and values are checked now, so an error belongs to the layer that gave the value;
+    checks between fields wait for :func:`from_dict`. Sections merge key by key; ``None`` for
+    a section (an empty YAML section) changes nothing.
     """
     for name, value in updates.items():
         key = f"{prefix}{name}"
@@ -118,11 +106,8 @@ def parse_set(item: str) -> tuple[str, str]:
 
 
 def parse_value(raw: str, tp: Any) -> Any:
-    """YAML-parse ``raw``, but keep the text itself where the field wants a string.
-
-    So ``amp=off`` stays ``"off"`` (YAML says ``False``) and ``out_dir=2024`` a string;
-    ``null`` / ``~`` still mean None for an optional field.
-    """
+    """YAML-parse ``raw``, but keep the text where the field wants a string (``amp=off``,
+    ``out_dir=2024``); ``null`` / ``~`` still mean None for an optional field."""
     try:
         value = yaml.safe_load(raw) if raw else None
     except yaml.YAMLError:
@@ -135,11 +120,8 @@ def parse_value(raw: str, tp: Any) -> Any:
 
 
 def apply_override(tree: dict[str, Any], cls: type, item: str) -> None:
-    """Lay one ``--set a.b.c=value`` string onto the plain data ``tree`` of a ``cls``.
-
-    Errors start with ``--set a.b.c=value: ``; a mapping value (``optim={lr: 2e-4}``) sets
-    the leaves it names.
-    """
+    """Lay one ``--set a.b.c=value`` string onto the plain data ``tree`` of a ``cls``; errors
+    start with ``--set a.b.c=value: ``, a mapping value (``optim={lr: 2e-4}``) sets its leaves."""
     key, raw = parse_set(item)
     try:
         value = parse_value(raw, field_type(cls, key, raw))
@@ -150,9 +132,7 @@ def apply_override(tree: dict[str, Any], cls: type, item: str) -> None:
         raise ValueError(f"--set {key}={raw}: {e}") from None
 
 
-# --------------------------------------------------------------------------------------
 # Fields and coercion
-# --------------------------------------------------------------------------------------
 
 
 class _Mismatch(Exception):

@@ -1,19 +1,14 @@
 """Opening weights: every file a user has, one error type, one report of keys that don't fit.
 
-The sources, all read with ``torch.load(weights_only=True)`` or safetensors (nothing in a
-file is ever run):
+Sources (read with ``torch.load(weights_only=True)`` or safetensors; nothing in a file
+runs): a run checkpoint of ``dinodet train`` (model config, class table, evaluation
+transform, raw and EMA weights); a model directory of ``dinodet convert`` /
+:func:`save_pretrained` (safetensors + JSON); an original DINO ``.pth`` with its variant
+(keys renamed by :mod:`dinodet.convert`); a backbone file of ImageNet weights.
 
-- a run checkpoint written by ``dinodet train`` (``.pt``): model config, class table, the
-  evaluation transform, and the raw and (with ``ema=true``) the EMA weights;
-- a model directory written by ``dinodet convert`` / :func:`save_pretrained`
-  (``model.safetensors`` + ``config.json``, no pickle at all);
-- an original DINO ``.pth`` (its keys renamed by :mod:`dinodet.convert`), with its variant;
-- a backbone file of ImageNet weights (``.pth`` or ``.safetensors``).
-
-Which weights of a run checkpoint are used is always a stated choice: ``weights="ema"``
-(the default everywhere: predict, eval, export and ``--init``) takes the EMA weights when
-the checkpoint has them and the raw ones otherwise; ``weights="raw"`` the raw ones.
-:attr:`Weights.which` says what was taken.
+Which weights of a run checkpoint are used is a stated choice: ``weights="ema"`` (the
+default of predict, eval, export and ``--init``) takes the EMA weights when there are any,
+``"raw"`` the raw ones; :attr:`Weights.which` says what was taken.
 """
 
 from __future__ import annotations
@@ -38,27 +33,14 @@ if TYPE_CHECKING:
     from dinodet.config import DINOConfig
     from dinodet.model.dino import DINO
 
-__all__ = [
-    "CheckpointError",
-    "CheckpointNotFoundError",
-    "LoadedModel",
-    "Weights",
-    "check_keys",
-    "from_original",
-    "load_backbone_weights",
-    "load_initial_weights",
-    "load_into",
-    "load_model",
-    "load_pretrained",
-    "open_weights",
-    "read_torch_file",
-    "save_pretrained",
-]
+__all__ = ["CheckpointError", "CheckpointNotFoundError", "LoadedModel", "Weights", "check_keys",
+           "from_original", "load_backbone_weights", "load_initial_weights", "load_into",
+           "load_model", "load_pretrained", "open_weights", "read_torch_file",
+           "save_pretrained"]
 
 WeightsChoice = Literal["ema", "raw"]
 
-# Globals a released checkpoint may hold besides tensors and builtins. Nothing else is
-# unpickled.
+# Globals a released checkpoint holds besides tensors and builtins; nothing else unpickles.
 _SAFE_GLOBALS: list[Any] = [argparse.Namespace]
 
 
@@ -78,10 +60,8 @@ def _first_line(e: BaseException) -> str:
 
 def read_torch_file(path: str | Path, what: str = "checkpoint",
                     map_location: str | torch.device = "cpu") -> Any:
-    """``torch.load(path, weights_only=True)`` (``argparse.Namespace`` allowed, as the
-    released checkpoints hold one), with every failure a :class:`CheckpointError` naming
-    the file: missing, empty, truncated or corrupt, or holding objects that may not be
-    unpickled."""
+    """``torch.load(path, weights_only=True)`` (``argparse.Namespace`` allowed: released
+    checkpoints hold one); any failure is a :class:`CheckpointError` naming the file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointNotFoundError(f"{what} not found: {path} does not exist")
@@ -120,9 +100,8 @@ def _read_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[st
 def check_keys(own: Mapping[str, Tensor], given: Mapping[str, Tensor], where: str,
                target: str = "the model",
                may_be_missing: Callable[[str], bool] | None = None) -> None:
-    """Raise :class:`CheckpointError` naming every key of ``given`` that does not fit
-    ``own`` (a state dict): missing (unless ``may_be_missing(key)``), unexpected, or of
-    another shape."""
+    """Raise :class:`CheckpointError` naming every key of ``given`` that does not fit the
+    state dict ``own``: missing (unless ``may_be_missing(key)``), unexpected, mis-shaped."""
     missing = [k for k in own if k not in given
                and not (may_be_missing is not None and may_be_missing(k))]
     unexpected = [k for k in given if k not in own]
@@ -142,8 +121,8 @@ def check_keys(own: Mapping[str, Tensor], given: Mapping[str, Tensor], where: st
 
 def load_into(module: nn.Module, state_dict: Mapping[str, Tensor], where: str,
               skip: tuple[str, ...] = ()) -> None:
-    """Strict load (keys starting with ``skip`` may be missing) that names every key that
-    does not fit (:func:`check_keys`)."""
+    """Strict load (keys starting with ``skip`` may be missing), reported by
+    :func:`check_keys`."""
     check_keys(module.state_dict(), state_dict, where,
                may_be_missing=lambda k: k.startswith(skip) if skip else False)
     module.load_state_dict(state_dict, strict=False)
@@ -151,12 +130,9 @@ def load_into(module: nn.Module, state_dict: Mapping[str, Tensor], where: str,
 
 @dataclass
 class Weights:
-    """Weights in dinodet's layout and what is known about them.
-
-    ``config`` is None where the file holds none (an original ``.pth`` opened without a
-    variant, a bare state dict). ``which``: "ema" or "raw" for a run checkpoint, "raw"
-    otherwise. ``transform`` is how the model was evaluated (800 px where unknown).
-    """
+    """Weights in dinodet's layout and what is known about them: ``config`` (None where
+    the file has none), ``which`` ("ema" or "raw"), ``transform`` (how the model was
+    evaluated; 800 px where unknown)."""
 
     state_dict: dict[str, Tensor]
     config: DINOConfig | None
@@ -177,8 +153,7 @@ def _check_choice(weights: str) -> None:
 
 
 def _run_transform(config: Mapping[str, Any]) -> EvalTransform:
-    """The evaluation transform a run trained with (``data.transform``; checkpoints older
-    than that key held the sizes in ``data`` itself)."""
+    """The evaluation transform of a run's config (older runs kept the sizes in ``data``)."""
     data = config.get("data") or {}
     sizes = data.get("transform") or data
     size = sizes.get("eval_size")
@@ -187,9 +162,8 @@ def _run_transform(config: Mapping[str, Any]) -> EvalTransform:
 
 def open_weights(path: str | Path, variant: str | None = None,
                  weights: WeightsChoice = "ema") -> Weights:
-    """Read any weights file dinodet knows (see the module docstring) into dinodet's
-    layout. ``variant`` names the preset of an original DINO ``.pth``; ``weights``
-    chooses between the EMA and raw weights of a run checkpoint."""
+    """Any weights file of the module docstring, in dinodet's layout. ``variant``: the
+    preset of an original DINO ``.pth``; ``weights``: EMA or raw of a run checkpoint."""
     from dinodet.config import DINOConfig, get_preset
 
     _check_choice(weights)
@@ -223,8 +197,8 @@ def open_weights(path: str | Path, variant: str | None = None,
 
 
 def _state_dict_weights(obj: Any, path: Path, variant: str | None) -> Weights:
-    """A loaded state dict (or a checkpoint holding one): the original's layout is
-    renamed (and configured from ``variant``), anything else is taken as dinodet's."""
+    """A loaded state dict (or a checkpoint holding one): the original's layout renamed
+    (and configured from ``variant``), anything else taken as dinodet's."""
     from dinodet import convert
 
     raw = convert.extract_state_dict(obj, str(path))
@@ -253,8 +227,7 @@ class LoadedModel:
 def load_model(path: str | Path, variant: str | None = None,
                weights: WeightsChoice = "ema",
                map_location: str | torch.device = "cpu") -> LoadedModel:
-    """A model in eval mode from a run checkpoint, a model directory, or an original
-    DINO ``.pth`` with its ``variant``; ``weights`` as in :func:`open_weights`."""
+    """A model in eval mode from any source of :func:`open_weights` that has a config."""
     from dinodet.model.dino import DINO
 
     found = open_weights(path, variant, weights)
@@ -308,11 +281,8 @@ def from_original(source: str | Path | Mapping[str, Any], variant: str,
 
 def save_pretrained(model: DINO, out_dir: str | Path, extra: dict[str, Any] | None = None,
                     transform: EvalTransform | None = None) -> Path:
-    """Write ``model.safetensors`` and ``config.json`` (loadable with no pickle at all).
-
-    ``extra`` goes into config.json as it is (``classes``, ``source``, ...); ``transform``
-    (the evaluation resize) too, as ``eval_size`` / ``max_size`` / ``mean`` / ``std``.
-    """
+    """Write ``model.safetensors`` and ``config.json`` (no pickle), with ``extra``
+    (``classes``, ``source``, ...) and ``transform``'s metadata in the JSON."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -326,8 +296,7 @@ def save_pretrained(model: DINO, out_dir: str | Path, extra: dict[str, Any] | No
 
 
 def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu") -> DINO:
-    """Load a directory written by :func:`save_pretrained` / ``dinodet convert`` (eval
-    mode)."""
+    """A model directory of :func:`save_pretrained` / ``dinodet convert``, in eval mode."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointNotFoundError(f"{path} is not a dinodet model directory")
@@ -336,10 +305,9 @@ def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def load_initial_weights(model: DINO, path: str | Path,
                          weights: WeightsChoice = "ema") -> Weights:
-    """Start training from ``path`` (any source of :func:`open_weights`): every tensor
-    that fits is loaded; class-head tensors whose class count differs are left
-    re-initialised (warned about, by name). Anything else that does not fit is an error
-    naming the keys. Returns what was read (``.which`` says EMA or raw)."""
+    """Start training from ``path`` (any source of :func:`open_weights`). Class-head
+    tensors of another class count stay re-initialised (a warning names them); anything
+    else that does not fit is an error naming the keys. Returns what was read."""
     from dinodet.convert import CLASS_DEPENDENT
 
     found = open_weights(path, weights=weights)
@@ -360,11 +328,8 @@ _DERIVED = ("num_batches_tracked", "relative_position_index", "attn_mask")
 
 
 def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
-    """Load ImageNet weights from a local ``.pth`` / ``.safetensors`` file (no download).
-
-    Classifier heads (``fc.``, ``head.``) are ignored; anything else that does not fit is
-    an error naming the keys. Swin's per-level output norms exist only in the detector.
-    """
+    """ImageNet weights from a local ``.pth`` / ``.safetensors`` file (no download);
+    classifier heads are ignored, Swin's per-level output norms may be missing."""
     path = Path(path)
     if path.suffix == ".safetensors":
         sd: Any = _read_safetensors(path)

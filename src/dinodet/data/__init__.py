@@ -15,25 +15,12 @@ from dinodet.data.coco import (
     CocoDetection,
     SkippedImage,
     SkippedImageWarning,
-    load_rgb_image,
 )
 from dinodet.data.collate import Batch, EpochSampler, build_loader, collate_fn, seed_worker
+from dinodet.data.images import load_image
 from dinodet.data.synthetic import make_synthetic_coco
 from dinodet.data.transforms import EvalTransform, TransformConfig, build_transforms
 
-__all__ = [
-    "AnnotationWarning",
-    "Batch",
-    "CocoDetection",
-    "EpochSampler",
-    "EvalTransform",
-    "SkippedImage",
-    "SkippedImageWarning",
-    "TransformConfig",
-    "build_loader",
-    "build_transforms",
-    "collate_fn",
-    "load_rgb_image",
-    "make_synthetic_coco",
-    "seed_worker",
-]
+__all__ = ["AnnotationWarning", "Batch", "CocoDetection", "EpochSampler", "EvalTransform",
+           "SkippedImage", "SkippedImageWarning", "TransformConfig", "build_loader",
+           "build_transforms", "collate_fn", "load_image", "make_synthetic_coco", "seed_worker"]

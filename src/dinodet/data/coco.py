@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -34,14 +33,9 @@ from torchvision import tv_tensors
 from torchvision.ops import box_convert, clip_boxes_to_image
 from torchvision.transforms.v2 import functional as F
 
-__all__ = [
-    "AnnotationWarning",
-    "CocoDetection",
-    "Sample",
-    "SkippedImage",
-    "SkippedImageWarning",
-    "load_rgb_image",
-]
+from dinodet.data.images import ImageReadError, load_image
+
+__all__ = ["AnnotationWarning", "CocoDetection", "Sample", "SkippedImage", "SkippedImageWarning"]
 
 #: A transform applied to ``(image, target)``; see :func:`dinodet.data.build_transforms`.
 Transform = Callable[[tv_tensors.Image, dict[str, Any]], tuple[Any, dict[str, Any]]]
@@ -74,17 +68,6 @@ class SkippedImage:
 
     path: str
     reason: str
-
-
-def load_rgb_image(path: str | Path) -> Image.Image:
-    """Decode an image fully into RGB, honouring its EXIF orientation.
-
-    Raises whatever the decoder raises; a truncated file only fails when its
-    pixels are read, which is why the image is loaded here and not lazily.
-    """
-    with Image.open(path) as im:
-        im.load()
-        return ImageOps.exif_transpose(im).convert("RGB")
 
 
 def _read_json(ann_file: Path) -> dict[str, Any]:
@@ -281,15 +264,15 @@ class CocoDetection(Dataset):
         image_id = self.image_ids[index]
         path = self.image_path(index)
         try:
-            pil = load_rgb_image(path)
-        except Exception as exc:  # decoders raise many types (OSError, SyntaxError, ...)
-            reason = f"{type(exc).__name__}: {exc}"
+            image = tv_tensors.Image(load_image(path))
+        except ImageReadError as exc:
+            cause = exc.__cause__ or exc  # the decoder's own error, or the missing file
+            reason = f"{type(cause).__name__}: {cause}"
             if self.strict:
                 raise ValueError(f"cannot read image {path}: {reason}") from exc
             warnings.warn(f"skipping image {path}: {reason}", SkippedImageWarning, stacklevel=2)
             return SkippedImage(str(path), reason)
 
-        image = tv_tensors.Image(F.pil_to_tensor(pil))
         h, w = image.shape[-2:]
         boxes, labels = self._targets.get(
             image_id, (np.zeros((0, 4), np.float32), np.zeros(0, np.int64))

@@ -94,13 +94,9 @@ def seed_worker(worker_id: int) -> None:
 
 class EpochSampler(Sampler[int]):
     """This rank's indices of one epoch: shuffled from (``seed``, epoch) or in order, split
-    over ``world`` ranks, optionally starting ``skip`` samples in (a run resumed part-way
-    through an epoch sees exactly the samples it had not trained on).
-
-    ``drop_last`` drops the tail that does not divide by ``world``; otherwise the order is
-    padded with its first indices so that every rank gets as many (evaluation drops the
-    repeated images when it gathers).
-    """
+    over ``world`` ranks, starting ``skip`` samples in (a resumed run sees exactly the
+    samples it missed). Without ``drop_last`` the order is padded with its first indices
+    so every rank gets as many (evaluation drops the repeats)."""
 
     def __init__(self, size: int, shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1,
                  drop_last: bool = False) -> None:
@@ -134,15 +130,13 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: in
                  seed: int = 0, rank: int = 0, world_size: int = 1, epoch: int = 0,
                  skip_batches: int = 0, drop_last: bool | None = None,
                  collate: Callable[[Sequence[Any]], Any] = collate_fn) -> DataLoader:
-    """The DataLoader of training, evaluation and prediction: batches of ``collate``
-    (:class:`Batch` by default) drawn by an :class:`EpochSampler`.
+    """The DataLoader of training, evaluation and prediction: batches of ``collate`` drawn
+    by an :class:`EpochSampler`.
 
-    ``train`` shuffles (reproducibly from ``seed`` and ``epoch``) and drops the last
-    partial batch (``drop_last`` overrides that); otherwise the dataset's order is kept.
-    ``rank`` / ``world_size`` split the samples over processes; ``skip_batches`` starts
-    the epoch that many batches in, for a resumed run. Worker processes are seeded from
-    ``seed``, ``epoch`` and ``rank`` (:func:`seed_worker` seeds ``random`` and numpy);
-    with ``num_workers=0``, seed the main process yourself.
+    ``train`` shuffles (from ``seed`` and ``epoch``) and drops the last partial batch
+    (unless ``drop_last=False``). ``rank`` / ``world_size`` split the samples;
+    ``skip_batches`` resumes part-way. Workers are seeded from ``seed``, ``epoch`` and
+    ``rank``; with ``num_workers=0``, seed the main process yourself.
     """
     drop_last = train if drop_last is None else drop_last
     sampler = EpochSampler(len(dataset), train, seed, rank, world_size,  # type: ignore[arg-type]

@@ -180,19 +180,14 @@ def target_labels(inputs: Any) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class EvalTransform:
-    """How an image enters the model outside training: the one rule that evaluation,
-    :class:`~dinodet.predict.Detector`, the demo and exported models share.
+    """How an image enters the model outside training, shared by evaluation,
+    :class:`~dinodet.predict.Detector`, the demo and exported models.
 
-    The shorter side is resized to ``size`` unless the longer side would then exceed
-    ``max_size``, which then caps it (:func:`shorter_side_size`, the original DETR/DINO
-    rule); pixels go to float in [0, 1] and are ImageNet-normalised. The model's boxes are
-    relative to the resized image, so scaling them by the original size maps them back;
-    :meth:`boxes_to_original` does it for boxes in pixels of the resized image (the output
-    of an exported model).
-
-    Call it as ``transform(image)`` on a uint8 [3, H, W] tensor, or as
-    ``transform(image, target)`` inside a dataset (boxes follow the image).
-    ``max_size=None`` means :func:`default_max_size` of ``size``.
+    Shorter side to ``size``, longer side at most ``max_size`` (None:
+    :func:`default_max_size`) by :func:`shorter_side_size`; then float [0, 1] and
+    normalisation. ``transform(image)`` takes uint8 [3, H, W]; ``transform(image, target)``
+    moves the boxes too. The model's boxes are relative to the image, so the original size
+    maps them back; :meth:`boxes_to_original` does it for pixel boxes (exported models).
     """
 
     size: int = 800
@@ -213,7 +208,7 @@ class EvalTransform:
 
     @property
     def max_limit(self) -> int:
-        """``max_size`` as an int (it is never None after construction)."""
+        """``max_size``, never None after construction."""
         assert self.max_size is not None
         return self.max_size
 
@@ -225,23 +220,21 @@ class EvalTransform:
         return self._steps(*inputs)  # type: ignore[attr-defined]
 
     def resize(self, image: torch.Tensor) -> torch.Tensor:
-        """Only the resize: uint8 [.., 3, H, W] -> uint8 [.., 3, h, w] (what an exported
-        model, which normalises inside, takes after a division by 255)."""
+        """Only the resize, uint8 [.., 3, H, W] -> [.., 3, h, w] (exported models normalise
+        inside)."""
         return F.resize(image, list(self.output_size(*image.shape[-2:])), antialias=True)
 
     @staticmethod
     def boxes_to_original(boxes: torch.Tensor, input_size: Sequence[int],
                           original_size: Sequence[int]) -> torch.Tensor:
-        """xyxy boxes [..., 4] in pixels of the resized (h, w) ``input_size`` -> pixels of
-        the image as it was, of (h, w) ``original_size``."""
+        """xyxy boxes [..., 4] in pixels of the (h, w) ``input_size`` -> of ``original_size``."""
         sy = original_size[0] / input_size[0]
         sx = original_size[1] / input_size[1]
         return boxes * boxes.new_tensor([sx, sy, sx, sy])
 
     def with_sizes(self, size: int | None = None, max_size: int | None = None
                    ) -> EvalTransform:
-        """A copy with the shorter side and/or the cap changed (a new ``size`` without a
-        ``max_size`` takes :func:`default_max_size` of it), e.g. from ``--size``."""
+        """A copy with other sizes (a new ``size`` alone takes its default ``max_size``)."""
         if size is None and max_size is None:
             return self
         if size is None:
@@ -249,13 +242,13 @@ class EvalTransform:
         return dataclasses.replace(self, size=size, max_size=max_size)
 
     def metadata(self) -> dict[str, Any]:
-        """Plain data to store with a model (export files, model directories)."""
+        """Plain data to store with a model."""
         return {"eval_size": self.size, "max_size": self.max_size, "mean": list(self.mean),
                 "std": list(self.std)}
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any]) -> EvalTransform:
-        """The inverse of :meth:`metadata`; missing entries take the defaults (800 px)."""
+        """The inverse of :meth:`metadata` (800 px where missing)."""
         size = int(meta.get("eval_size") or 800)
         return cls(size, meta.get("max_size"), tuple(meta.get("mean") or IMAGENET_MEAN),
                    tuple(meta.get("std") or IMAGENET_STD))

@@ -35,16 +35,8 @@ import torch
 
 from dinodet.weights import CheckpointError, read_torch_file
 
-__all__ = [
-    "CheckpointError",
-    "CheckpointLoadError",
-    "CheckpointManager",
-    "CheckpointSaveError",
-    "capture_rng_state",
-    "load_checkpoint",
-    "restore_rng_state",
-    "save_checkpoint",
-]
+__all__ = ["CheckpointError", "CheckpointLoadError", "CheckpointManager", "CheckpointSaveError",
+           "capture_rng_state", "load_checkpoint", "restore_rng_state", "save_checkpoint"]
 
 
 # One error type for every checkpoint problem (dinodet.weights.CheckpointError, a
@@ -70,7 +62,7 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> Path:
     """
     path = Path(path)
     _check_loadable(state, "state")
-    _atomic_write(path, lambda f: torch.save(dict(state), f))
+    atomic_write(path, lambda f: torch.save(dict(state), f))
     return path
 
 
@@ -87,7 +79,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+def atomic_write(path: Path, write: Callable[[IO[bytes]], object], what: str = "checkpoint"
+                 ) -> None:
     """``write(f)`` into a temp file beside ``path``, fsync, then ``os.replace`` onto it."""
     tmp: str | None = None
     try:
@@ -101,7 +94,7 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
         tmp = None
         _fsync_dir(path.parent)
     except Exception as e:
-        raise CheckpointSaveError(f"could not save checkpoint {path}: {_cause(e, path.parent)}; "
+        raise CheckpointSaveError(f"could not save {what} {path}: {_cause(e, path.parent)}; "
                                   "the previous file, if any, is untouched") from e
     finally:
         if tmp is not None:
@@ -346,7 +339,7 @@ class CheckpointManager:
         data = {"version": 1, "keep_last": self.keep_last, "mode": self.mode,
                 "checkpoints": entries, "best": self._best}
         text = json.dumps(data, indent=2).encode()
-        _atomic_write(self.run_dir / self.INDEX, lambda f: f.write(text))
+        atomic_write(self.run_dir / self.INDEX, lambda f: f.write(text))
 
 
 def _looks_complete(path: Path) -> bool:

@@ -1,26 +1,13 @@
 """Typed training configuration: dataclasses, a YAML file and ``--set key=value`` overrides.
 
-A training run is described by one :class:`TrainConfig`: the network (``model``, a
-:class:`~dinodet.config.DINOConfig` taken from a named preset), the data and augmentation
-(``data``, its sizes in ``data.transform``), the optimiser and schedule (``optim``) and the
-loop's own settings. Its defaults are the paper's recipe (AdamW 1e-4 / backbone 1e-5, 12
-epochs, lr x0.1 after epoch 11, gradient clip 0.1, multi-scale 480-800 training, 800 px
-evaluation).
-
-:func:`load_train_config` layers, lowest to highest precedence::
-
-    preset  <  YAML file  <  --set key=value  <  explicit CLI keyword arguments
-
-The YAML file mirrors the dataclasses (``optim: {lr: 2e-4}``, ``model: {backbone: {name:
-resnet18}}``, top-level keys such as ``epochs: 3``); ``--set`` uses dotted keys
-(``optim.lr=2e-4``, ``data.transform.eval_size=640``). Keys and values are checked by
-:mod:`dinodet.settings` against the fields' types on the way in, so an unknown key or a bad
-value is a ``ValueError`` that names it (``optim.lrr: unknown key (did you mean
-'optim.lr'?), got 1``, ``optim.lr: expected a float, got 'abc'``), after the YAML file or
-``--set`` string it came from.
-
-``TrainConfig.to_dict()`` gives plain JSON data (lists, not tuples) for checkpoints;
-``TrainConfig.from_dict()`` reads it back with the same checks.
+:class:`TrainConfig` holds the network (``model``, from a named preset), ``data`` (sizes in
+``data.transform``), ``optim`` and the loop's settings; its defaults are the paper's recipe
+(AdamW 1e-4 / backbone 1e-5, 12 epochs, lr x0.1 after epoch 11, gradient clip 0.1,
+multi-scale 480-800 training, 800 px evaluation). :func:`load_train_config` layers, lowest
+to highest precedence: preset < YAML file < ``--set`` < explicit CLI keyword arguments. The
+YAML file mirrors the dataclasses (``optim: {lr: 2e-4}``), ``--set`` uses dotted keys
+(``data.transform.eval_size=640``); :mod:`dinodet.settings` checks both on the way in
+(``optim.lrr: unknown key (did you mean 'optim.lr'?), got 1``).
 """
 
 from __future__ import annotations
@@ -39,13 +26,7 @@ from dinodet.config import PRESETS, DINOConfig, get_preset
 from dinodet.data.transforms import TransformConfig
 from dinodet.settings import coerce_fields, parse_set, require
 
-__all__ = [
-    "DataConfig",
-    "OptimConfig",
-    "TrainConfig",
-    "load_train_config",
-    "parse_set",
-]
+__all__ = ["DataConfig", "OptimConfig", "TrainConfig", "load_train_config", "parse_set"]
 
 AmpMode = Literal["off", "bf16", "fp16"]
 Schedule = Literal["step", "multistep", "cosine"]
@@ -79,12 +60,11 @@ class DataConfig:
 class OptimConfig:
     """AdamW with a separate backbone learning rate and an iteration-based schedule.
 
-    ``schedule``: ``"step"`` multiplies by ``gamma`` from the first entry of
-    ``lr_drop_epochs`` on (epoch 11 counting from 0, i.e. after 11 epochs: the paper's 12-epoch
-    recipe), ``"multistep"`` multiplies by ``gamma`` at every entry, ``"cosine"`` anneals to
-    ``min_lr_ratio`` x the base rate. ``warmup_steps`` optimiser steps of linear warm-up come
-    first. ``clip_max_norm`` <= 0 turns gradient clipping off. ``accumulate_steps`` batches
-    make one optimiser step.
+    ``schedule``: ``"step"`` multiplies by ``gamma`` from the first of ``lr_drop_epochs`` on
+    (epoch 11 from 0, i.e. after 11 of the paper's 12 epochs), ``"multistep"`` at every entry,
+    ``"cosine"`` anneals to ``min_lr_ratio`` x the base rate; after ``warmup_steps`` optimiser
+    steps of linear warm-up. ``clip_max_norm`` <= 0 turns clipping off; ``accumulate_steps``
+    batches make one optimiser step.
     """
 
     lr: float = 1e-4
@@ -192,20 +172,14 @@ def load_train_config(
 ) -> TrainConfig:
     """Build a :class:`TrainConfig` from a preset, a YAML file, ``--set`` strings and CLI keywords.
 
-    ``preset`` picks the network preset; ``None`` leaves the choice to ``--set preset=...``,
-    the YAML file's ``preset:`` key, or the default ``"r50-4scale"``, in that order. The
-    preset's :class:`DINOConfig` is the base that ``model`` keys in the YAML file and
-    ``--set model....`` change. ``cli_overrides`` are explicit command-line values: a
-    top-level field (``epochs=3``, ``out_dir=...``) or a field of ``data`` / ``optim`` /
-    ``model`` / ``data.transform`` by its bare name (``train_ann=...``, ``lr=2e-4``,
-    ``num_classes=3``); ``None`` values are ignored, so unset argparse options fall through
-    to the layers below.
-
-    Raises ``ValueError`` naming the key (and the YAML file or ``--set`` string) for an
-    unknown key, a bad value or a YAML syntax error.
+    ``preset=None`` leaves the choice to ``--set preset=...``, the YAML ``preset:`` key, or
+    ``"r50-4scale"``, in that order; ``model`` keys change that preset's :class:`DINOConfig`.
+    ``cli_overrides`` name a top-level field (``epochs=3``) or a field of ``data`` / ``optim``
+    / ``model`` / ``data.transform`` by its bare name (``lr=2e-4``); ``None`` values are
+    ignored, so unset argparse options fall through. Raises ``ValueError`` naming the key
+    (and the YAML file or ``--set`` string) for an unknown key, a bad value or bad YAML.
     """
-    # Each layer's changes are checked and collected first: which preset's network they
-    # change is known only once every layer is read (the highest naming one wins).
+    # Changes are collected first: the preset they apply to is known only after every layer.
     changes: dict[str, Any] = {}
 
     def layer(source: str, updates: Mapping[str, Any] | str) -> None:

@@ -27,22 +27,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = [
-    "DistInfo",
-    "all_gather_object",
-    "all_reduce_mean",
-    "barrier",
-    "cleanup",
-    "deterministic_algorithms",
-    "init_distributed",
-    "is_main",
-    "rank",
-    "reduce_dict_mean",
-    "resolve_device",
-    "seed_everything",
-    "unwrap_model",
-    "world_size",
-]
+__all__ = ["DistInfo", "all_gather_object", "all_reduce_mean", "barrier", "cleanup",
+           "deterministic_algorithms", "init_distributed", "is_main", "rank", "reduce_dict_mean",
+           "resolve_device", "seed_everything", "unwrap_model", "world_size"]
 
 
 @dataclass(frozen=True)
@@ -207,13 +194,10 @@ def seed_everything(seed: int, rank: int = 0) -> int:
 
 @contextlib.contextmanager
 def deterministic_algorithms(enabled: bool = True) -> Iterator[None]:
-    """Deterministic kernels inside the ``with`` block, and everything as it was after it.
-
-    Sets ``CUBLAS_WORKSPACE_CONFIG`` (if unset; cuBLAS reads it at its first call),
-    ``torch.use_deterministic_algorithms(True, warn_only=True)`` (ops with no deterministic
-    version warn rather than fail; ``grid_sample``'s CUDA backward is one), cuDNN
-    deterministic and no cuDNN benchmarking. Nothing changes when ``enabled`` is false.
-    """
+    """Deterministic kernels inside the block, everything as it was after it (nothing
+    changes when ``enabled`` is false): ``CUBLAS_WORKSPACE_CONFIG`` if unset,
+    ``use_deterministic_algorithms(True, warn_only=True)`` (ops without a deterministic
+    version warn), cuDNN deterministic, no cuDNN benchmarking."""
     if not enabled:
         yield
         return

@@ -17,7 +17,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,15 +31,8 @@ from torch import Tensor, nn
 
 from dinodet.model.postprocess import postprocess
 
-__all__ = [
-    "METRIC_NAMES",
-    "CocoEvaluator",
-    "EvalResult",
-    "evaluate",
-    "evaluate_checkpoint",
-    "evaluate_results",
-    "write_results",
-]
+__all__ = ["METRIC_NAMES", "CocoEvaluator", "EvalResult", "evaluate", "evaluate_checkpoint",
+           "evaluate_results", "write_results"]
 
 # The names of COCOeval.stats[0..11], in order.
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
@@ -154,22 +146,12 @@ def _per_class_ap(coco_eval: COCOeval, coco_gt: COCO,
 
 
 def write_results(path: str | os.PathLike, results: Sequence[Mapping[str, Any]]) -> Path:
-    """Write a COCO results json atomically: a temporary file in the same folder, then
-    ``os.replace``, so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(list(results), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write a COCO results json atomically (a reader never sees half a file)."""
+    from dinodet.engine.checkpoint import atomic_write
+
+    text = json.dumps(list(results)).encode()
+    atomic_write(Path(path), lambda f: f.write(text), what="results")
+    return Path(path)
 
 
 class CocoEvaluator:
@@ -313,11 +295,9 @@ def evaluate_checkpoint(checkpoint: str | Path, ann: str | Path, images: str | P
                         max_size: int | None = None, keep_category_ids: bool = False,
                         num_workers: int = 2, device: str = "auto",
                         weights: str = "ema") -> EvalResult:
-    """COCO metrics of any model file :func:`dinodet.weights.load_model` opens, on a
-    COCO-format dataset; writes the detections (COCO results) to ``out`` if given.
-
-    Images go through the checkpoint's :class:`~dinodet.data.EvalTransform` (``eval_size``
-    / ``max_size`` override it, as for ``dinodet predict``)."""
+    """COCO metrics of any model file :func:`~dinodet.weights.load_model` opens, its images
+    through the model's :class:`~dinodet.data.EvalTransform` (``eval_size`` / ``max_size``
+    override it as in ``dinodet predict``); the detections go to ``out`` if given."""
     from dinodet.data.coco import CocoDetection
     from dinodet.data.collate import build_loader
     from dinodet.engine.distributed import resolve_device

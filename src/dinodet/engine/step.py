@@ -1,12 +1,8 @@
-"""One training step and the state it changes: what the loop, the benchmark and the tests
-share.
+"""One training step and the state it changes, shared by the loop, the benchmark and tests.
 
-:class:`TrainState` holds everything a step touches (model, criterion, optimiser, schedule,
-gradient scaler, EMA) and where the run is (:class:`Progress`); its :meth:`state_dict` /
-:meth:`load_state_dict` are the checkpoint layout, written and read in this one place.
-:func:`train_step` trains on one batch: forward under autocast, losses in float32,
-backward, and, when the batch closes its gradient-accumulation window, the optimiser
-step with unscaling, clipping, the schedule and the EMA.
+:class:`TrainState` holds what a step touches and where the run is; its
+:meth:`~TrainState.state_dict` / :meth:`~TrainState.load_state_dict` are the checkpoint
+layout, in this one place. :func:`train_step` trains on one batch.
 """
 
 from __future__ import annotations
@@ -46,8 +42,8 @@ class Progress:
 
 @dataclass
 class TrainState:
-    """Everything :func:`train_step` changes. ``net`` is what the forward pass calls (the
-    DDP wrapper of ``model`` in a distributed run); ``model`` is the bare module."""
+    """Everything :func:`train_step` changes; ``net`` is what the forward pass calls (the
+    DDP wrapper of the bare ``model`` in a distributed run)."""
 
     model: DINO
     criterion: nn.Module
@@ -63,9 +59,9 @@ class TrainState:
     @classmethod
     def create(cls, model: DINO, optim: OptimConfig, steps_per_epoch: int, epochs: int,
                amp: AmpMode = "off", ema_decay: float | None = None) -> TrainState:
-        """The recipe's state for ``model`` (already on its device): DINO's criterion,
-        AdamW with the backbone's own learning rate, the per-step schedule, a gradient
-        scaler (active for fp16 only) and, with ``ema_decay``, an EMA of the weights."""
+        """The recipe's state for ``model`` (on its device): DINO's criterion, AdamW with
+        the backbone's learning rate, the per-step schedule, a gradient scaler (fp16) and,
+        with ``ema_decay``, an EMA of the weights."""
         optimizer = build_optimizer(model, optim)
         device = next(model.parameters()).device
         return cls(model=model, criterion=build_criterion(model.num_classes),
@@ -80,8 +76,8 @@ class TrainState:
         return next(self.model.parameters()).device
 
     def state_dict(self) -> dict[str, Any]:
-        """The training part of a checkpoint (the loop adds RNG states, the run config and
-        the class table): plain data that ``torch.load(weights_only=True)`` reads."""
+        """The training part of a checkpoint (the loop adds RNG states, run config and
+        class table), all ``weights_only``-loadable data."""
         p = self.progress
         return {
             "model": self.model.state_dict(), "model_config": self.model.cfg.to_dict(),
@@ -94,8 +90,7 @@ class TrainState:
         }
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
-        """Continue from :meth:`state_dict`'s output (an EMA is restored when both the
-        checkpoint and this state have one)."""
+        """Continue from :meth:`state_dict`'s output."""
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -109,10 +104,9 @@ class TrainState:
 
 @dataclass
 class StepResult:
-    """What one :func:`train_step` did. ``losses``: the detached loss terms (empty for a
-    batch whose images were all unreadable); ``finite``: the loss was finite on every
-    rank (if not, the window's gradients were dropped); ``stepped``: the optimiser
-    stepped."""
+    """What one :func:`train_step` did: the detached loss terms (empty for a batch of
+    unreadable images only), whether the loss was finite on every rank, whether the
+    optimiser stepped."""
 
     losses: dict[str, Tensor]
     finite: bool
@@ -132,17 +126,12 @@ def _to_float(outputs: Any) -> Any:
 
 def train_step(state: TrainState, batch: Batch, window: int = 1,
                closes_window: bool = True) -> StepResult:
-    """Train on one batch.
+    """Forward (autocast), losses (float32) and backward of one batch, the loss divided
+    by ``window``, the batch count of its gradient-accumulation window (the window's
+    gradient is their mean). When ``closes_window``: unscale, clip, step, zero the
+    gradients, step the schedule and the EMA (DDP all-reduces on that batch only).
 
-    The loss is divided by ``window``, the number of batches in this batch's
-    gradient-accumulation window (so the window's gradient is their mean). When
-    ``closes_window``, the optimiser steps on the accumulated gradients: unscale (fp16),
-    clip to ``clip_max_norm``, step, update the scaler, zero the gradients, step the
-    schedule, update the EMA, and count the step. In a DDP run every rank must call it
-    for the same batches; gradients are only all-reduced on the closing batch.
-
-    A non-finite loss on any rank drops the whole window's gradients on every rank and
-    takes no step (``finite=False``).
+    A non-finite loss on any rank drops the window's gradients and takes no step.
     """
     net = state.net if state.net is not None else state.model
     net.train()

@@ -1,40 +1,33 @@
 """Multi-scale deformable attention (Zhu et al., Deformable DETR) in pure PyTorch.
 
-No compiled extension. Bilinear sampling of all levels and points is written as one
-weighted gather, ``F.embedding_bag(mode="sum", per_sample_weights=...)``: the values are
-a table of N·S·M rows of D contiguous numbers, and each (batch, query, head) output is
-the sum, over its L·P sampling points and their 4 bilinear corners, of the corner's row
-times (bilinear weight × attention weight); corners outside a map get weight 0
-(``grid_sample``'s ``padding_mode="zeros"``, ``align_corners=False``). Compared with one
-``F.grid_sample`` per level on a [N·M, D, H, W] map, it reads D contiguous values per
-corner instead of D values H·W apart, needs no permuted copy of the values and no stack
-of the sampled points: for the encoder of an 800×1088 image (18k queries, 8 heads, 4
-levels, 4 points, float32) it takes 74 ms instead of 570 ms on 2 CPU threads.
-It is differentiable in the values, the locations and the attention weights through
-autograd: ``embedding_bag``'s backward gives the table (dense) and the per-sample weights,
-and the weights are smooth functions of the locations within a pixel cell.
+Bilinear sampling of all levels and points is one weighted gather,
+``F.embedding_bag(mode="sum", per_sample_weights=...)`` over a table of N·S·M rows of D
+contiguous values: each (batch, query, head) output sums, over its L·P points and their 4
+corners, the corner's row times (bilinear weight × attention weight); corners outside a map
+weigh 0 (``grid_sample``'s ``padding_mode="zeros"``, ``align_corners=False``). Unlike one
+``F.grid_sample`` per level on a [N·M, D, H, W] map, it reads D contiguous values per corner,
+not D values H·W apart, and needs no permuted copy of the values nor a stack of the sampled
+points: 74 ms instead of 570 ms on 2 CPU threads for the encoder of an 800×1088 image (18k
+queries, 8 heads, 4 levels, 4 points, float32). Autograd differentiates it in the values,
+locations and attention weights (``embedding_bag``'s backward gives the dense table and the
+per-sample weights, which are smooth in the locations within a pixel cell).
 
-On CUDA the same ops run (nothing here is CPU-specific), in large chunks; they have not
-been timed on a GPU. They are kept there too because ``embedding_bag(mode="sum")`` has a
-deterministic CUDA backward, whereas ``grid_sample``'s raises under
-``torch.use_deterministic_algorithms(True)`` (per PyTorch's documentation), and the
-gather reads contiguous rows there as well. :func:`ms_deform_attn_grid_sample` keeps the
-``grid_sample`` formulation as a reference.
+CUDA runs the same ops in large chunks (not timed on a GPU): ``embedding_bag(mode="sum")``
+has a deterministic CUDA backward, whereas ``grid_sample``'s raises under
+``torch.use_deterministic_algorithms(True)`` (per PyTorch's documentation), and the rows are
+contiguous there too. :func:`ms_deform_attn_grid_sample` keeps ``grid_sample`` as a reference.
+float64, float32, bfloat16 and float16 work; half precision is sampled in float32 (bf16's 8
+mantissa bits cannot address a pixel of a 100-wide map) and cast back.
 
-Works for float64, float32, bfloat16 and float16. Half-precision inputs are sampled in
-float32 (sampling locations need more than bf16's 8 mantissa bits to address a pixel of
-a 100-wide map), and the result is cast back.
-
-Each :class:`MSDeformAttn` has a ``backend``, fixed when it is built (``backend=`` or,
-for a whole model, ``DINOConfig.attention_backend`` and ``DINO.set_attention_backend``) and
-changeable afterwards: ``"auto"`` takes the Triton kernels (:mod:`.ms_deform_attn_triton`,
-the custom op ``torch.ops.dinodet.ms_deform_attn``) for CUDA values when triton is
-installed and deterministic algorithms are off, ``"triton"`` takes them on any device (CPU
-tensors run under Triton's interpreter, for tests), ``"torch"`` never; float64 always stays
-on the exact PyTorch path. A callable with the signature of :func:`ms_deform_attn` replaces
-the sampling altogether (research, benchmark baselines). ``None`` at construction reads the
-environment variable ``DINODET_MS_DEFORM_ATTN``, else ``"auto"``; it is not read again
-afterwards. :func:`ms_deform_attn` itself is always the PyTorch path.
+Each :class:`MSDeformAttn` has a reassignable ``backend`` (``backend=``; for a whole model
+``DINOConfig.attention_backend`` and ``DINO.set_attention_backend``): ``"auto"`` takes the
+Triton kernels (:mod:`.ms_deform_attn_triton`, the custom op ``torch.ops.dinodet.ms_deform_attn``)
+for CUDA values when triton is installed and deterministic algorithms are off, ``"triton"`` on
+any device (CPU tensors under Triton's interpreter, for tests), ``"torch"`` never; float64
+always stays on the exact PyTorch path. A callable with the signature of
+:func:`ms_deform_attn` replaces the sampling (research, benchmark baselines). ``None`` reads
+``DINODET_MS_DEFORM_ATTN`` at construction only, else ``"auto"``. :func:`ms_deform_attn`
+itself is always the PyTorch path.
 """
 
 from __future__ import annotations
@@ -140,19 +133,16 @@ class _Sampler:
         """Planar pixel coordinates [N, q, M, 2, L·P] and attention weights [N, q, M, 1, L·P]
         (compute dtype) -> [N, q, M·D] (compute dtype)."""
         n, q, m = pix.shape[:3]
-        # Clamping to [-1, size] keeps far-away (or infinite) points finite for the floor,
-        # the integer cast and the weights, and leaves their weights 0. A NaN coordinate
-        # reads corner -1 (so a valid row) with NaN weights, so the output is NaN as with
+        # Clamping to [-1, size] keeps far-away (or infinite) points finite, with weight 0. A
+        # NaN coordinate reads corner -1 (a valid row) with NaN weights: NaN out, as with
         # grid_sample. p0 is piecewise constant: no gradient, so no autograd either.
         pix = torch.clamp(pix, min=self.minus_one, max=self.sizes)
         p0 = pix.detach().floor().nan_to_num_(nan=-1.0)
         frac = pix - p0
-        # The corners p0 and p0 + 1 along each axis, [N, q, M, corner, axis, L·P], with
-        # weights 1 − frac and frac. A corner outside the map (they lie in [-1, size + 1])
-        # is clamped onto it, which keeps its row valid, and differs from its clamp by 1 or
-        # 2, so max(0, 1 − |corner − clamped|) zeroes its weight. This stays in floating
-        # point on purpose: comparisons would make bool tensors, and on CPU their
-        # conversions cost several times the arithmetic.
+        # Corners p0 and p0 + 1 per axis, [N, q, M, corner, axis, L·P], weights 1 − frac and
+        # frac. A corner outside the map (all lie in [-1, size + 1]) is clamped onto it (a
+        # valid row) and is 1 or 2 off its clamp, so max(0, 1 − |corner − clamped|) zeroes
+        # its weight. Floating point on purpose: bool conversions cost several times more on CPU.
         corner = torch.stack((p0, p0 + 1), 3)
         corner_w = torch.stack((1 - frac, frac), 3)
         clamped = torch.clamp(corner, min=self.zero, max=self.last)
@@ -209,10 +199,8 @@ Backend = str | AttentionFn
 
 def resolve_backend(backend: Backend | None) -> Backend:
     """Validate a backend: one of :data:`BACKENDS` or a callable (returned as is); ``None``
-    is ``DINODET_MS_DEFORM_ATTN``'s value if set, else ``"auto"``.
-
-    Raises ValueError for an unknown name and RuntimeError for ``"triton"`` without triton.
-    """
+    is ``DINODET_MS_DEFORM_ATTN``'s value if set, else ``"auto"``. Raises ValueError for an
+    unknown name and RuntimeError for ``"triton"`` without triton."""
     source = ""
     if backend is None:
         backend = os.environ.get(ENV_VAR) or "auto"
@@ -255,11 +243,9 @@ def ms_deform_attn_grid_sample(
     n, _, m, d = value.shape
     lq = sampling_locations.shape[1]
     compute = _compute_dtype(value.dtype)
-    # grid_sample wants [-1, 1] coordinates and a (batch·head) leading dimension.
+    # grid_sample wants [-1, 1] coordinates and a (batch·head) leading dim: [N·M, Lq, L, P, 2].
     grids = (2 * sampling_locations.to(compute) - 1).transpose(1, 2).flatten(0, 1)
-    # grids: [N·M, Lq, L, P, 2]
-    weights = attention_weights.to(compute).transpose(1, 2).flatten(0, 1)
-    # weights: [N·M, Lq, L, P]
+    weights = attention_weights.to(compute).transpose(1, 2).flatten(0, 1)  # [N·M, Lq, L, P]
     sizes = [h * w for h, w in spatial_shapes]
     out = None
     for level, (v, (h, w)) in enumerate(zip(value.split(sizes, dim=1), spatial_shapes)):
@@ -268,8 +254,7 @@ def ms_deform_attn_grid_sample(
         sampled = F.grid_sample(
             v, grids[:, :, level], mode="bilinear", padding_mode="zeros", align_corners=False
         )
-        # sampled: [N·M, D, Lq, P]; weight the points and sum them on the fly, so the
-        # [N·M, D, Lq, L·P] stack the naive version builds is never materialised.
+        # sampled: [N·M, D, Lq, P]; summed on the fly: no [N·M, D, Lq, L·P] stack.
         contrib = torch.einsum("bdqp,bqp->bdq", sampled, weights[:, :, level])
         out = contrib if out is None else out + contrib
     assert out is not None
@@ -295,11 +280,10 @@ class MSDeformAttn(nn.Module):
     Args:
         dim: model width. num_heads: attention heads (dim must divide).
         num_levels: feature levels. num_points: sampling points per head and level.
-        backend: ``"auto"``, ``"triton"``, ``"torch"`` or a callable with the signature of
-            :func:`ms_deform_attn` (see the module docstring); ``None`` reads
-            ``DINODET_MS_DEFORM_ATTN`` now, else ``"auto"``. Kept, resolved, as the
-            ``backend`` attribute, which can be reassigned (and is validated again); a
-            callable is not a submodule, even if it is an ``nn.Module``.
+        backend: ``"auto"``, ``"triton"``, ``"torch"`` or a callable like :func:`ms_deform_attn`
+            (see the module docstring); ``None``: ``DINODET_MS_DEFORM_ATTN``, else ``"auto"``.
+            Kept, resolved, as the reassignable (and revalidated) ``backend`` attribute; a
+            callable is never a submodule, even an ``nn.Module``.
     """
 
     def __init__(self, dim: int = 256, num_levels: int = 4, num_heads: int = 8,
@@ -325,14 +309,12 @@ class MSDeformAttn(nn.Module):
 
     @backend.setter
     def backend(self, backend: Backend | None) -> None:
-        # In the instance dict, not through nn.Module.__setattr__: a callable backend is
-        # never a submodule, so the state dict's keys do not depend on the backend.
+        # Not through nn.Module.__setattr__, so the state dict's keys never depend on it.
         self.__dict__["_backend"] = resolve_backend(backend)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        # nn.Module.__setattr__ would register a callable that is a Module as a submodule
-        # named "backend", bypassing the property: send the name to the property whatever
-        # the value.
+        # nn.Module.__setattr__ would register a Module backend as a submodule, bypassing
+        # the property.
         if name == "backend":
             object.__setattr__(self, name, value)
         else:
@@ -438,9 +420,8 @@ class MSDeformAttn(nn.Module):
 
     def _fused(self, query: Tensor, reference_points: Tensor, value: Tensor,
                spatial_shapes: list[tuple[int, int]]) -> Tensor:
-        """:meth:`_locations_and_weights` and :func:`ms_deform_attn` chunk by chunk of
-        queries, going straight from offsets to pixel coordinates: no full-size location,
-        weight or index tensor is ever built. Returns [N, Lq, M·D]."""
+        """:meth:`_locations_and_weights` and :func:`ms_deform_attn` per chunk of queries, from
+        offsets straight to pixel coordinates (no full-size tensors). Returns [N, Lq, M·D]."""
         n, lq, _ = query.shape
         m, levels, points = self.num_heads, self.num_levels, self.num_points
         sampler = _Sampler(value, spatial_shapes, points)

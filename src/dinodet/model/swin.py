@@ -31,17 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = [
-    "SWIN_CONFIGS",
-    "SwinTransformer",
-    "build_swin",
-    "check_relative_position_index",
-    "drop_relative_position_index",
-    "make_relative_position_index",
-    "shifted_window_mask",
-    "swin_large_384",
-    "swin_toy",
-]
+__all__ = ["SWIN_CONFIGS", "SwinTransformer", "build_swin", "check_relative_position_index",
+           "drop_relative_position_index", "make_relative_position_index", "shifted_window_mask",
+           "swin_large_384", "swin_toy"]
 
 # Layouts DINO knows (embed_dim, depths, num_heads, window_size), keyed like its backbone names.
 SWIN_CONFIGS: dict[str, dict] = {
