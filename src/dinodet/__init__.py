@@ -1,14 +1,8 @@
 """dinodet: DINO object detection in pure PyTorch.
 
-Public API:
-    from_original(source, variant)   original DINO checkpoint -> model (eval mode)
-    load_pretrained(path)            a directory written by ``dinodet convert``
-    load_model(path, variant=None, weights="ema")   any model file -> LoadedModel
-    Detector.from_pretrained(path)   detection on images, files, folders
-    EvalTransform(size, max_size)    the resize + normalisation of every inference path
-    build_model(variant_or_config)   a fresh model from a preset or a DINOConfig
-    postprocess(outputs, target_sizes, num_select=300)
-    build_criterion(num_classes, **overrides)
+``build_model(preset)``, ``from_original(pth, variant)``, ``load_model(path)`` (any model
+file), ``Detector.from_pretrained(path)``, ``EvalTransform``, ``postprocess``,
+``build_criterion``; imported lazily, so ``import dinodet`` costs nothing.
 """
 
 from __future__ import annotations

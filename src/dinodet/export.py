@@ -1,23 +1,13 @@
 """Export a detector for deployment: ONNX (onnxruntime, TensorRT, ...) or ``torch.export``.
 
-Both formats hold the same graph, :class:`ExportGraph`:
-
-- input ``images``: float32 [B, 3, H, W], RGB in [0, 1], already resized (the model was
-  trained with the shorter side at ``eval_size``, the longer at most ``max_size``; both
-  are in the file's metadata). B, H and W are dynamic unless ``dynamic=False``.
-- outputs ``boxes`` [B, K, 4] (x0, y0, x1, y1 in pixels of the input, clipped to it),
-  ``scores`` [B, K] (sorted, descending) and ``labels`` [B, K] (int64 class indices),
-  with K = the model's ``num_select`` best (query, class) pairs; no threshold is applied.
-
-The ImageNet normalisation and DINO's top-k post-processing are inside the graph; the
-resize is not (every runtime has its own). The deformable attention is traced through its
-``grid_sample`` form (ONNX GridSample, opset 16+), never a custom kernel, and denoising
-is off. Images of one batch share a size (no padding mask), as a runtime batch does.
-
-The class table and the :class:`~dinodet.data.EvalTransform` (``eval_size``, ``max_size``,
-``mean``, ``std``) travel in the file: ONNX ``metadata_props``
-(key ``dinodet``, JSON) and, for ``torch.export``, the archive's extra file
-``dinodet.json``; :func:`read_metadata` reads either.
+Both hold :class:`ExportGraph`: float32 ``images`` [B, 3, H, W], RGB in [0, 1], resized
+by the model's :class:`~dinodet.data.EvalTransform` (B, H, W dynamic unless
+``dynamic=False``) -> ``boxes`` [B, K, 4] (xyxy pixels of the input, clipped), ``scores``
+[B, K] (descending), ``labels`` [B, K] (int64), K = the model's ``num_select``; no
+threshold. Normalisation and top-k are inside; the deformable attention is traced through
+``grid_sample`` (ONNX GridSample), denoising is off, a batch shares one size. The class
+table and the transform's metadata travel in the file (ONNX ``metadata_props`` key
+``dinodet``, or the archive's ``dinodet.json``); :func:`read_metadata` reads either.
 """
 
 from __future__ import annotations

@@ -1,10 +1,6 @@
-"""User-facing detection: ``Detector.from_pretrained(path)(image, threshold=0.3)``.
-
-Any common image form goes in (a file path, a PIL image, a numpy array, a tensor); every
-one becomes an RGB uint8 [3, H, W] tensor, is resized the way the model was evaluated,
-and the boxes come back in the pixels of the image as it was given (upright, for files
-and PIL images with an EXIF orientation).
-"""
+"""User-facing detection: ``Detector.from_pretrained(path)(image, threshold=0.3)``. Any
+image form of :func:`~dinodet.data.images.load_image` goes in, through the model's
+EvalTransform; boxes come back in the pixels of the image as given (upright)."""
 
 from __future__ import annotations
 
@@ -28,12 +24,9 @@ __all__ = ["IMAGE_EXTENSIONS", "Detections", "Detector", "ImageFiles", "ImageRea
 
 @dataclass
 class Detections:
-    """The detections of one image.
-
-    boxes: [K, 4] xyxy in pixels of the original image; scores: [K]; labels: [K] int64
-    class indices; class_names: the name of every class index (``class_names[label]``);
-    image_size: (h, w) of the original image. Sorted by score, highest first.
-    """
+    """The detections of one image, best first: boxes [K, 4] xyxy in pixels of the
+    original (h, w) ``image_size``, scores [K], labels [K] int64 class indices, and the
+    name of every class index (``class_names[label]``)."""
 
     boxes: Tensor
     scores: Tensor
@@ -88,9 +81,8 @@ class Detector:
     >>> found = det("street.jpg", threshold=0.5)
     >>> found.boxes, found.names
 
-    Every image goes through ``transform`` (an :class:`~dinodet.data.EvalTransform`, the
-    one evaluation uses: shorter side ``size``, longer side at most ``max_size``), so a
-    50-megapixel photo runs at the model's size and its boxes come back in its pixels.
+    Every image goes through ``transform``, the :class:`~dinodet.data.EvalTransform` that
+    evaluation uses, so a 50-megapixel photo runs at the model's size.
     """
 
     def __init__(self, model: torch.nn.Module, classes: list[dict[str, Any]] | None = None,

@@ -147,11 +147,6 @@ class Weights:
         return f"{self.kind} {self.path} ({'EMA' if self.which == 'ema' else 'raw'} weights)"
 
 
-def _check_choice(weights: str) -> None:
-    if weights not in ("ema", "raw"):
-        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
-
-
 def _run_transform(config: Mapping[str, Any]) -> EvalTransform:
     """The evaluation transform of a run's config (older runs kept the sizes in ``data``)."""
     data = config.get("data") or {}
@@ -166,7 +161,8 @@ def open_weights(path: str | Path, variant: str | None = None,
     preset of an original DINO ``.pth``; ``weights``: EMA or raw of a run checkpoint."""
     from dinodet.config import DINOConfig, get_preset
 
-    _check_choice(weights)
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
     if variant is not None:
         get_preset(variant)  # an unknown variant fails before any file is read
     path = Path(path)

@@ -3,8 +3,7 @@
     CocoDetection(ann_file, image_dir, transforms=None, keep_category_ids=False, strict=False)
     build_transforms(train, cfg=TransformConfig())
     build_loader(dataset, batch_size, train, num_workers, seed, rank, world_size, epoch, ...)
-    EvalTransform(size, max_size)   the inference resize + normalisation
-    collate_fn(samples) -> Batch(images: ImageBatch, targets, skipped)
+    EvalTransform(size, max_size), load_image(any image form)
     make_synthetic_coco(out_dir, num_train, num_val, image_size, num_classes, seed)
 """
 

@@ -1,16 +1,12 @@
 """COCO-format detection datasets: an annotation json and a folder of images.
 
-Category ids are remapped to contiguous labels ``0..K-1`` (sorted by id) unless
-``keep_category_ids=True``, which keeps the raw id as the label the way the
-original COCO checkpoints do (91 slots for COCO, unused ids named ``unused-<id>``).
-The id/name table travels with the dataset (:meth:`CocoDetection.class_table`) so
-training can store it in checkpoints and prediction files.
-
-Bad annotations (unknown image or category, malformed box, width or height ≤ 0)
-are reported once at load time and left out; ``strict=True`` makes them an error.
-An image that cannot be read is not fatal either: ``__getitem__`` warns and returns
-a :class:`SkippedImage` marker that the collate function drops and reports in
-``Batch.skipped``, so the count survives DataLoader worker processes.
+Category ids become contiguous labels ``0..K-1`` (sorted by id) unless
+``keep_category_ids=True`` keeps the raw id, as the original COCO checkpoints do (91
+slots, unused ids named ``unused-<id>``); the table travels in checkpoints
+(:meth:`CocoDetection.class_table`). Bad annotations are reported once at load time and
+left out (``strict=True``: an error). An unreadable image gives a :class:`SkippedImage`
+marker that the collate function lists in ``Batch.skipped`` (so the count survives
+worker processes).
 """
 
 from __future__ import annotations

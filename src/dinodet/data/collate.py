@@ -24,13 +24,9 @@ def _map_tensors(target: dict[str, Any], fn: Any) -> dict[str, Any]:
 
 @dataclass
 class Batch:
-    """A padded batch of samples.
-
-    images: ``ImageBatch`` — tensors [B, 3, H, W], mask [B, H, W] True on padding.
-    targets: one dict per image (``labels``, ``boxes``, ``image_id``, ``orig_size``, ``size``).
-    skipped: paths of images of this batch that could not be read (left out of B).
-    B may be 0 when every image was skipped; the training loop should skip such batches.
-    """
+    """A padded batch: ``images`` (tensors [B, 3, H, W], mask [B, H, W] True on padding),
+    one target dict per image (``labels``, ``boxes``, ``image_id``, ``orig_size``,
+    ``size``), and the paths of the unreadable images left out (B may be 0)."""
 
     images: ImageBatch
     targets: list[dict[str, Any]]
@@ -82,11 +78,7 @@ def collate_fn(samples: Sequence[Sample | SkippedImage | None]) -> Batch:
 
 
 def seed_worker(worker_id: int) -> None:
-    """Seed Python's and NumPy's generators from the worker's torch seed.
-
-    torch seeds each worker with ``base_seed + worker_id`` (``base_seed`` drawn from
-    the loader's generator); the other libraries are not seeded by torch.
-    """
+    """Seed ``random`` and numpy from the worker's torch seed (torch seeds only itself)."""
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)

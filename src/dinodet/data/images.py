@@ -1,9 +1,6 @@
-"""Reading images in every common form into one: RGB uint8 [3, H, W] tensors.
-
-Files (EXIF orientation applied), PIL images (greyscale, RGBA, palette, 16-bit), numpy
-arrays (HWC or HW) and CHW tensors (uint8 0-255 or float 0-1) all come out the same way, so
-the dataset, :class:`~dinodet.predict.Detector` and the demo read the same pixels.
-"""
+"""Images in every common form -> RGB uint8 [3, H, W]: files (EXIF upright), PIL (grey,
+RGBA, palette, 16-bit), numpy HWC / HW, CHW tensors; the one reader of the dataset, the
+Detector and the demo."""
 
 from __future__ import annotations
 

@@ -49,12 +49,10 @@ def default_max_size(size: int) -> int:
 class TransformConfig:
     """Sizes of the augmentation recipe, in pixels; the defaults are the paper's.
 
-    scales: shorter-side choices of the multi-scale resize (train).
-    max_size: cap on the longer side of every resize but the pre-crop one.
-    crop_resize_scales: shorter-side choices of the resize before the random crop.
-    crop_min, crop_max: range of the random crop's height and width.
-    eval_size: shorter side at evaluation.
-    hflip_prob: probability of the horizontal flip.
+    ``scales``: shorter-side choices of the multi-scale (train) resize; ``max_size``: cap on
+    the longer side of every resize but the pre-crop one; ``crop_resize_scales``: shorter
+    sides of that pre-crop resize; ``crop_min``, ``crop_max``: range of the random crop's
+    height and width; ``eval_size``: shorter side at evaluation; ``hflip_prob``: flip probability.
     """
 
     scales: tuple[int, ...] = tuple(range(480, 801, 32))
@@ -81,15 +79,13 @@ class TransformConfig:
 
     @classmethod
     def for_eval_size(cls, eval_size: int) -> TransformConfig:
-        """The default recipe with every size scaled by ``eval_size / 800``.
-
-        E.g. ``for_eval_size(320)``: scales 192..320, max_size 533, crop 154..240.
-        """
+        """The default recipe with every size scaled by ``eval_size / 800``
+        (``for_eval_size(320)``: scales 192..320, max_size 533, crop 154..240)."""
         f = eval_size / 800
         default = cls()
         return cls(
             scales=tuple(sorted({round(s * f) for s in default.scales})),
-            max_size=round(default.max_size * f),
+            max_size=default_max_size(eval_size),
             crop_resize_scales=tuple(round(s * f) for s in default.crop_resize_scales),
             crop_min=round(default.crop_min * f),
             crop_max=round(default.crop_max * f),

@@ -1,12 +1,3 @@
-"""Training machinery: config, optimiser and schedule, EMA, checkpoints, distributed helpers.
-
-Import the submodules directly (``from dinodet.engine.config import load_train_config``);
-this package imports nothing itself, so ``import dinodet.engine`` stays cheap.
-
-    config        TrainConfig / DataConfig / OptimConfig and ``load_train_config``
-    optim         parameter groups, AdamW, the iteration-based LR schedule, gradient clipping
-    ema           ModelEMA, an exponential moving average of the weights
-    checkpoint    atomic save, ``weights_only`` load, CheckpointManager, RNG state
-    distributed   torchrun process group, collectives, seeding
-    evaluate      COCO box evaluation
-"""
+"""Training machinery: train (the loop), step (TrainState, train_step), config, optim, ema,
+checkpoint, distributed, evaluate, plot, demo. Import the submodules directly; this
+package imports nothing itself, so ``import dinodet.engine`` stays cheap."""

@@ -1,16 +1,10 @@
 """Checkpoints: atomic saves, ``weights_only`` loads, keep-last-K plus best, RNG state.
 
-A checkpoint is one ``torch.save`` file holding a plain dict: the model, optimiser,
-scheduler, gradient-scaler and EMA state dicts, the RNG states, epoch and step, the training
-config (``TrainConfig.to_dict()``) and the class table. Everything in it is data that
-``torch.load(weights_only=True)`` accepts (tensors, numbers, strings, lists, tuples,
-dicts), so loading one never runs code from the file; :func:`save_checkpoint` refuses,
-naming the key, anything else (a numpy array, a Path, an arbitrary object).
-
-Saving is atomic: the file is written under a temporary name in the same directory,
-flushed and fsynced, then renamed over the target with ``os.replace``. A failure part-way
-(a full disk, a kill) leaves the previous checkpoint whole and at worst a ``.tmp`` file,
-which :meth:`CheckpointManager.latest` ignores.
+A checkpoint is one ``torch.save`` of a plain dict (its layout:
+:meth:`dinodet.engine.step.TrainState.state_dict`, plus RNG states, run config and class
+table) that ``torch.load(weights_only=True)`` reads; :func:`save_checkpoint` refuses,
+naming the key, anything else. Saving writes a temporary file beside the target, fsyncs
+and ``os.replace`` s it: a full disk or a kill leaves the previous checkpoint whole.
 """
 
 from __future__ import annotations
@@ -220,14 +214,11 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 
 
 class CheckpointManager:
-    """Checkpoints of one run: ``checkpoint-e{epoch:03d}-s{step:07d}.pt``, the last
-    ``keep_last`` of them, plus ``best.pt`` (the best by the metric passed to :meth:`save`).
-
-    ``checkpoints.json`` (written atomically) records the kept files and the best one's
-    metric, so a resumed run keeps comparing against it. Order is by (epoch, step): resume
-    from an older checkpoint into a fresh run directory, or the newer files stay "latest".
-    ``mode="max"`` means a higher metric is better (AP); ``"min"`` for a loss.
-    """
+    """Checkpoints of one run: the last ``keep_last`` of
+    ``checkpoint-e{epoch:03d}-s{step:07d}.pt``, plus ``best.pt`` by the metric given to
+    :meth:`save` (``mode="max"``: higher is better). ``checkpoints.json`` records the kept
+    files and the best metric, so a resumed run keeps comparing against it. Order is by
+    (epoch, step): resume an older checkpoint into a fresh directory."""
 
     INDEX = "checkpoints.json"
     BEST = "best.pt"

@@ -33,15 +33,11 @@ def run_demo(out_dir: str | Path = "runs/demo", epochs: int | None = None,
                                 image_size=(size, size), seed=0)
     print(f"synthetic dataset: {s['num_train']} train / {s['num_val']} val images of "
           f"{size}x{size} in {paths['root']}")
-    t = TransformConfig.for_eval_size(size)
-    sets = [f"data.transform.scales={list(t.scales)}", f"data.transform.max_size={t.max_size}",
-            f"data.transform.crop_resize_scales={list(t.crop_resize_scales)}",
-            f"data.transform.crop_min={t.crop_min}", f"data.transform.crop_max={t.crop_max}",
-            f"data.transform.eval_size={size}", f"optim.lr={s['lr']}",
-            f"optim.lr_backbone={s['lr']}",
-            "optim.schedule=cosine", "optim.warmup_steps=20", "eval_every_epochs=100",
-            "log_every=10", "data.num_workers=1"]
-    cfg = load_train_config("cpu-small", None, sets, epochs=epochs or s["epochs"],
+    sets = [f"optim.lr={s['lr']}", f"optim.lr_backbone={s['lr']}", "optim.schedule=cosine",
+            "optim.warmup_steps=20", "eval_every_epochs=100", "log_every=10",
+            "data.num_workers=1"]
+    cfg = load_train_config("cpu-small", None, sets, transform=TransformConfig.for_eval_size(size),
+                            epochs=epochs or s["epochs"],
                             batch_size=s["batch_size"], out_dir=str(out / "run"),
                             train_ann=str(paths["train_ann"]),
                             train_images=str(paths["train_images"]),

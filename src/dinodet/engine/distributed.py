@@ -1,15 +1,7 @@
-"""Distributed training under ``torchrun``, and seeding. Nothing here overrides ``print``:
-callers log on the main process with ``if is_main(): ...``.
-
-Every helper works in a single process too (no process group): collectives become
-identities, ``world_size()`` is 1 and ``is_main()`` is true.
-
-    info = init_distributed()          # reads RANK / WORLD_SIZE / LOCAL_RANK
-    model = model.to(info.device)
-    if info.world_size > 1:
-        model = DistributedDataParallel(model, device_ids=[info.device.index])
-    ...
-    cleanup()
+"""Distributed training under ``torchrun`` (``init_distributed`` reads RANK / WORLD_SIZE /
+LOCAL_RANK; ``cleanup`` leaves the group), seeding and scoped determinism. Every helper
+works in a single process too: collectives become identities, ``is_main()`` is true.
+Nothing here overrides ``print``: callers log with ``if is_main(): ...``.
 """
 
 from __future__ import annotations

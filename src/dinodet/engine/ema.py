@@ -1,13 +1,11 @@
 """An exponential moving average of the model's weights (evaluated alongside the model).
 
 After each optimiser step, ``ema = d * ema + (1 - d) * model`` for every floating-point
-parameter and buffer; integer buffers (BatchNorm's ``num_batches_tracked``) are copied.
-
-The decay ramps up: ``d_n = decay * (1 - exp(-n / tau))`` after ``n`` updates (``tau``
-2000 by default, the ramp used by YOLOv5 and RT-DETR). At the start the average follows the
-model almost exactly, so it is not anchored to the random initialisation; after ``~5 tau``
-updates ``d_n`` is within 1% of ``decay``. ``warmup=False`` uses ``decay`` from the first
-update.
+parameter and buffer; integer buffers (BatchNorm's ``num_batches_tracked``) are copied. The
+decay ramps up as ``d_n = decay * (1 - exp(-n / tau))`` after ``n`` updates (``tau`` 2000 by
+default, YOLOv5's and RT-DETR's ramp): at first the average follows the model, not the random
+initialisation; after ``~5 tau`` updates ``d_n`` is within 1% of ``decay``. ``warmup=False``
+uses ``decay`` from the first update.
 """
 
 from __future__ import annotations

@@ -53,14 +53,10 @@ def _fmt(value: float) -> str:
 
 @dataclass
 class EvalResult:
-    """COCO box metrics.
-
-    metrics: ``METRIC_NAMES`` -> value in [0, 1] (pycocotools' -1 where undefined, e.g.
-        APl when the ground truth has no large object).
-    per_class: one dict per class present in the ground truth, by class index:
-        ``label`` (class index), ``category_id`` (dataset id), ``name``, ``AP``
-        (IoU 0.50:0.95, all areas, 100 detections; nan without ground truth boxes).
-    """
+    """COCO box metrics: ``metrics`` maps ``METRIC_NAMES`` to [0, 1] (pycocotools' -1 where
+    undefined, e.g. APl without large objects); ``per_class`` has ``label``,
+    ``category_id``, ``name`` and ``AP`` (0.50:0.95, all areas, 100 detections; nan without
+    ground truth) of every class in the ground truth."""
 
     metrics: dict[str, float]
     per_class: list[dict[str, Any]] = field(default_factory=list)

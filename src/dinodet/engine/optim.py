@@ -1,14 +1,12 @@
 """AdamW with a backbone learning rate, the iteration-based LR schedule, gradient clipping.
 
-The recipe (see the "Training recipe" of the spec): AdamW, lr 1e-4 for the transformer and
-heads, 1e-5 for the backbone, weight decay 1e-4 on every parameter (as the original does,
-norms and biases included), lr x0.1 after epoch 11 of 12, gradient-norm clip 0.1.
-
-The schedule is a :class:`~torch.optim.lr_scheduler.LambdaLR` stepped once per optimiser
-step, so warm-up and cosine annealing are smooth within an epoch and a run resumed
-mid-epoch continues with exactly the learning rates it would have had. Its factor is a
-small callable object (:class:`LRFactor`), not a closure: ``LambdaLR.state_dict()`` stores
-the object's attributes, and they are plain numbers that ``weights_only`` loading accepts.
+The recipe (the spec's "Training recipe"): AdamW, lr 1e-4 for the transformer and heads,
+1e-5 for the backbone, weight decay 1e-4 on every parameter (norms and biases included, as
+in the original), lr x0.1 after epoch 11 of 12, gradient-norm clip 0.1. The schedule is a
+``LambdaLR`` stepped per optimiser step, so warm-up and cosine are smooth within an epoch
+and a run resumed mid-epoch gets exactly the same learning rates. Its factor is an object
+(:class:`LRFactor`), not a closure: ``LambdaLR.state_dict()`` stores its attributes, plain
+numbers that ``weights_only`` loading accepts.
 """
 
 from __future__ import annotations
@@ -23,14 +21,8 @@ from torch import nn
 from dinodet.engine.config import OptimConfig
 from dinodet.engine.distributed import unwrap_model
 
-__all__ = [
-    "LRFactor",
-    "build_optimizer",
-    "build_scheduler",
-    "clip_gradients",
-    "optimizer_steps_per_epoch",
-    "param_groups",
-]
+__all__ = ["LRFactor", "build_optimizer", "build_scheduler", "clip_gradients",
+           "optimizer_steps_per_epoch", "param_groups"]
 
 BACKBONE_PREFIX = "backbone."
 
@@ -39,9 +31,9 @@ def param_groups(model: nn.Module, lr: float, lr_backbone: float,
                  weight_decay: float) -> list[dict[str, Any]]:
     """Two AdamW groups: ``backbone.*`` parameters at ``lr_backbone``, the rest at ``lr``.
 
-    Only parameters with ``requires_grad`` are included; empty groups are left out. Each
-    group carries a ``"name"`` (``"backbone"`` / ``"transformer"``) for logging. A
-    DDP- or ``torch.compile``-wrapped model is unwrapped first so the names match.
+    Only ``requires_grad`` parameters; empty groups are left out. Each group has a ``"name"``
+    (``"backbone"`` / ``"transformer"``) for logging. DDP / ``torch.compile`` wrappers are
+    removed first so the names match.
     """
     backbone: list[nn.Parameter] = []
     rest: list[nn.Parameter] = []
@@ -126,13 +118,12 @@ class LRFactor:
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int,
                     epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
     """The per-optimiser-step schedule of ``cfg`` (call ``scheduler.step()`` after each
-    ``optimizer.step()``). ``steps_per_epoch`` counts optimiser steps, i.e. batches divided
-    by ``accumulate_steps`` (see :func:`optimizer_steps_per_epoch`).
+    ``optimizer.step()``); ``steps_per_epoch`` counts optimiser steps, i.e. batches divided by
+    ``accumulate_steps`` (:func:`optimizer_steps_per_epoch`).
 
-    To resume, build it the same way, then ``load_state_dict`` the optimiser and the
-    scheduler: the learning rates continue exactly. ``LambdaLR.load_state_dict`` also puts
-    back the :class:`LRFactor` settings saved with it (schedule, steps, milestones), so a
-    resumed run keeps the schedule it started with even if the epochs changed since.
+    To resume, build it the same way, then ``load_state_dict`` the optimiser and scheduler:
+    this also restores the saved :class:`LRFactor` (schedule, steps, milestones), so a resumed
+    run keeps its schedule even if the epochs changed since.
     """
     factor = LRFactor(cfg.schedule, steps_per_epoch, steps_per_epoch * epochs,
                       milestones=cfg.lr_drop_epochs, gamma=cfg.gamma,
@@ -142,12 +133,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_pe
 
 def clip_gradients(model_or_params: nn.Module | Iterable[torch.Tensor],
                    max_norm: float) -> torch.Tensor | None:
-    """Clip the global gradient norm to ``max_norm``; returns the norm before clipping.
-
-    Returns ``None`` without touching anything when ``max_norm <= 0`` (clipping off). With
-    fp16 AMP, call ``scaler.unscale_(optimizer)`` first. A non-finite norm is returned, not
-    raised, so the caller can skip the step.
-    """
+    """Clip the global gradient norm to ``max_norm``; returns the norm before clipping
+    (non-finite returned, not raised, so the caller can skip the step), or ``None`` untouched
+    when ``max_norm <= 0``. With fp16 AMP, call ``scaler.unscale_(optimizer)`` first."""
     if max_norm <= 0:
         return None
     source = (model_or_params.parameters() if isinstance(model_or_params, nn.Module)

@@ -1,10 +1,9 @@
 """The training loop: one process or many (torchrun / DDP), resumable at any step.
 
-Reading order: ``train`` builds the data, the model and its :class:`TrainState`, then runs
-epochs of ``_train_one_epoch``, which calls :func:`~dinodet.engine.step.train_step` on
-every batch; each epoch ends with an evaluation and a checkpoint. Anything that goes wrong
-(a corrupt image, a NaN loss, a kill signal, a full disk) leaves the last good checkpoint
-whole.
+``train`` builds the data, the model and its :class:`TrainState`, then runs epochs of
+``_train_one_epoch`` (:func:`~dinodet.engine.step.train_step` per batch), each ending with
+an evaluation and a checkpoint. A corrupt image, a NaN loss, a kill signal or a full disk
+leaves the last good checkpoint whole.
 """
 
 from __future__ import annotations
@@ -241,12 +240,9 @@ def _train(cfg: TrainConfig, resume: str | None, init: str | None, max_steps: in
 def _train_one_epoch(cfg: TrainConfig, state: TrainState, loader: Any, batches_per_epoch: int,
                      stop: _StopSignal, checkpoint: Any, log: RunLog, info: dist.DistInfo,
                      max_steps: int | None, progress: bool) -> str | None:
-    """Train until the epoch ends; returns why it stopped early, or None.
-
-    Batches are grouped into windows of ``optim.accumulate_steps`` for gradient
-    accumulation, counted from the start of the epoch; the epoch's last window may be
-    shorter, and it still steps, so no gradient is carried into the next epoch.
-    """
+    """Train until the epoch ends; returns why it stopped early, or None. Accumulation
+    windows of ``optim.accumulate_steps`` batches count from the epoch's start; a shorter
+    last window still steps, so no gradient carries into the next epoch."""
     run = state.progress
     accumulate = cfg.optim.accumulate_steps
     bad_in_a_row = 0

@@ -93,8 +93,7 @@ class DINO(nn.Module):
                                         for conv in convs)
         self.level_embed = nn.Parameter(torch.empty(cfg.num_feature_levels, dim))
         nn.init.normal_(self.level_embed)
-        # Resolved once (the environment variable is read here, not at call time), for
-        # every MSDeformAttn of the encoder and the decoder.
+        # Resolved once for every MSDeformAttn (the environment variable is read here only).
         layer_kwargs: dict[str, Any] = dict(
             ffn_dim=cfg.dim_feedforward, dropout=cfg.dropout,
             num_levels=cfg.num_feature_levels, num_heads=cfg.num_heads,
@@ -129,10 +128,8 @@ class DINO(nn.Module):
         return first
 
     def set_attention_backend(self, backend: Backend | None) -> None:
-        """Set the backend of every :class:`MSDeformAttn`: ``"auto"``, ``"triton"``,
-        ``"torch"`` or a callable like :func:`~dinodet.model.ms_deform_attn.ms_deform_attn`;
-        None: ``DINODET_MS_DEFORM_ATTN`` if set, else ``"auto"``. ``cfg`` keeps the
-        backend the model was built with."""
+        """Set the backend of every :class:`MSDeformAttn` (as in
+        :func:`~dinodet.model.ms_deform_attn.resolve_backend`); ``cfg`` keeps the original."""
         backend = resolve_backend(backend)  # validated before any module changes
         for m in self._deform_attns():
             m.backend = backend

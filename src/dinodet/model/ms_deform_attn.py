@@ -142,7 +142,8 @@ class _Sampler:
         # Corners p0 and p0 + 1 per axis, [N, q, M, corner, axis, L·P], weights 1 − frac and
         # frac. A corner outside the map (all lie in [-1, size + 1]) is clamped onto it (a
         # valid row) and is 1 or 2 off its clamp, so max(0, 1 − |corner − clamped|) zeroes
-        # its weight. Floating point on purpose: bool conversions cost several times more on CPU.
+        # its weight. Floating point on purpose: comparisons make bool tensors, whose
+        # conversions cost several times the arithmetic on CPU.
         corner = torch.stack((p0, p0 + 1), 3)
         corner_w = torch.stack((1 - frac, frac), 3)
         clamped = torch.clamp(corner, min=self.zero, max=self.last)

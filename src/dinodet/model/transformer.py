@@ -15,12 +15,10 @@ from dinodet.model.tracing import exporting
 class FFN(nn.Module):
     """Linear → ReLU → Linear, added back and layer-normed (post-norm).
 
-    On CPU the tokens go through in chunks of about ``CPU_CHUNK_ELEMENTS`` hidden
-    activations: the encoder of an 800×1088 image has 18k tokens, whose [18k, 2048] hidden
-    layer would be a fresh 150 MB allocation written and read back from memory in every
-    layer, while an 8 MB chunk is recycled by the allocator and stays in cache (about 30 %
-    faster per FFN with 2 threads). Every op works on whole rows, so chunking changes no
-    result; autograd works through it.
+    On CPU, tokens go in chunks of about ``CPU_CHUNK_ELEMENTS`` hidden activations: for the
+    18k tokens of an 800×1088 image's encoder, the [18k, 2048] hidden layer would be a fresh
+    150 MB written and read back in every layer, while an 8 MB chunk is recycled and stays in
+    cache (about 30 % faster per FFN with 2 threads). Ops are row-wise: chunks change nothing.
     """
 
     CPU_CHUNK_ELEMENTS = 2**21
@@ -47,10 +45,7 @@ class FFN(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """Deformable self-attention over all levels → add & norm → FFN.
-
-    ``attention_backend`` is the :class:`MSDeformAttn` backend (None: its default).
-    """
+    """Deformable self-attention over all levels → add & norm → FFN."""
 
     def __init__(self, dim: int, ffn_dim: int, dropout: float, num_levels: int,
                  num_heads: int, num_points: int,
@@ -77,7 +72,6 @@ class Encoder(nn.Module):
     def __init__(self, num_layers: int, *, attention_backend: Backend | None = None,
                  **layer_kwargs) -> None:
         super().__init__()
-        # Resolved once so that every layer has the same backend.
         backend = resolve_backend(attention_backend)
         self.layers = nn.ModuleList(EncoderLayer(attention_backend=backend, **layer_kwargs)
                                     for _ in range(num_layers))
@@ -144,13 +138,10 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Decoder layers that refine anchor boxes layer by layer.
-
-    ``box_head`` is the detector's shared box MLP; ``look_forward_twice`` keeps each
-    layer's refined box attached to the graph when it becomes the next layer's reference
-    for the loss, so layer i's box loss also trains layer i−1. ``attention_backend`` goes
-    to every layer's :class:`MSDeformAttn` as in :class:`Encoder`.
-    """
+    """Decoder layers that refine anchor boxes layer by layer (``attention_backend`` as in
+    :class:`Encoder`). ``box_head`` is the detector's shared box MLP; ``look_forward_twice``
+    keeps each refined box in the graph as the next layer's reference for the loss, so layer
+    i's box loss also trains layer i−1."""
 
     def __init__(self, num_layers: int, dim: int, look_forward_twice: bool = True, *,
                  attention_backend: Backend | None = None, **layer_kwargs) -> None:
