@@ -47,8 +47,8 @@ def run_checkpoint(tmp_path_factory):
     assert state.ema is not None
     with torch.no_grad():
         state.ema.module.class_head.bias.add_(3.0)  # tell the two apart
-    cfg = TrainConfig.from_dict({"preset": "cpu-small",
-                                 "data": {"transform": {"eval_size": 96, "max_size": 150}}})
+    cfg = TrainConfig.from_dict({"preset": "cpu-small", "data": {"transform": {
+        "eval_size": 96, "max_size": 150, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}})
     path = tmp_path_factory.mktemp("run") / "checkpoint.pt"
     save_checkpoint(path, {**state.state_dict(), "rng": [], "config": cfg.to_dict(),
                            "classes": CLASSES})
@@ -63,7 +63,8 @@ def test_a_run_checkpoint_gives_the_ema_weights_unless_raw_is_asked(run_checkpoi
     raw = load_model(path, weights="raw")
     assert raw.weights.which == "raw" and "raw weights" in raw.weights.describe()
     torch.testing.assert_close(raw.model.class_head.bias, state.model.class_head.bias)
-    assert ema.classes == CLASSES and ema.transform == EvalTransform(96, 150)
+    assert ema.classes == CLASSES
+    assert ema.transform == EvalTransform(96, 150, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     with pytest.raises(ValueError, match="'ema' or 'raw'"):
         load_model(path, weights="best")
 
@@ -138,7 +139,38 @@ def test_model_directory_round_trip_keeps_classes_and_transform(tmp_path):
     dinodet.save_pretrained(model, tmp_path / "m", extra={"classes": CLASSES},
                             transform=EvalTransform(128))
     loaded = load_model(tmp_path / "m")
-    assert loaded.kind == "dinodet model directory" and loaded.classes == CLASSES
+    assert loaded.weights.kind == "dinodet model directory" and loaded.classes == CLASSES
     assert loaded.transform == EvalTransform(128, 213)
     for (name, a), b in zip(model.state_dict().items(), loaded.model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_damaged_files_of_any_kind_are_a_checkpoint_error(tmp_path):
+    for name, content in [("one.pth", b"\x80"), ("text.pth", b"epoch 11, not a checkpoint\n"),
+                          ("zip.pth", b"PK\x03\x04" + bytes(60))]:
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
+            load_model(tmp_path / name, variant="r50-4scale")
+
+
+def test_a_stored_attention_backend_does_not_follow_the_weights(tmp_path, monkeypatch):
+    """A model saved with "triton" (trained on a GPU) opens anywhere: the backend is where
+    the model runs (DINODET_MS_DEFORM_ATTN, else auto), not part of the file."""
+    monkeypatch.delenv("DINODET_MS_DEFORM_ATTN", raising=False)
+    dinodet.save_pretrained(dinodet.build_model(_config()), tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    meta["config"]["attention_backend"] = "triton"
+    (tmp_path / "m" / "config.json").write_text(json.dumps(meta))
+    loaded = load_model(tmp_path / "m")
+    assert loaded.model.cfg.attention_backend is None
+    assert loaded.model.attention_backend == "auto"
+
+
+def test_a_directory_of_weights_without_a_config_still_initialises(tmp_path):
+    torch.manual_seed(2)
+    source = dinodet.build_model(_config())
+    dinodet.save_pretrained(source, tmp_path / "m")
+    (tmp_path / "m" / "config.json").unlink()
+    model = dinodet.build_model(_config())
+    assert load_initial_weights(model, tmp_path / "m").kind == "safetensors file"
+    torch.testing.assert_close(model.class_head.weight, source.class_head.weight)

@@ -87,15 +87,18 @@ class Detector:
 
     def __init__(self, model: torch.nn.Module, classes: list[dict[str, Any]] | None = None,
                  transform: EvalTransform | None = None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, *, eval_size: int | None = None,
+                 max_size: int | None = None) -> None:
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
         self.device = torch.device(device)
         self.dtype = dtype
         self.model = model.eval().to(self.device)
-        self.transform = transform if transform is not None else EvalTransform()
-        if self.transform.size < 32:
-            raise ValueError(f"eval size {self.transform.size}: need at least 32 pixels")
+        self.transform = (transform or EvalTransform()).with_sizes(eval_size, max_size)
+        if self.transform.size < 32 or self.transform.max_limit < self.transform.size:
+            raise ValueError(f"eval_size {self.transform.size} / max_size "
+                             f"{self.transform.max_size}: need eval_size >= 32 and max_size "
+                             ">= eval_size")
         self.num_select = int(getattr(getattr(model, "cfg", None), "num_select", 300))
         num_classes = int(getattr(getattr(model, "cfg", None), "num_classes", 0))
         self.class_names = [str(i) for i in range(num_classes)]
@@ -122,16 +125,8 @@ class Detector:
         evaluated with (800 px where unknown); ``eval_size`` / ``max_size`` change it
         (:meth:`EvalTransform.with_sizes`)."""
         loaded = load_model(path, variant, weights)
-        return cls(loaded.model, loaded.classes, loaded.transform.with_sizes(eval_size, max_size),
-                   device, dtype)
-
-    @property
-    def eval_size(self) -> int:
-        return self.transform.size
-
-    @property
-    def max_size(self) -> int:
-        return self.transform.max_limit
+        return cls(loaded.model, loaded.classes, loaded.transform, device, dtype,
+                   eval_size=eval_size, max_size=max_size)
 
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
         """(h, w) an image of (``height``, ``width``) is resized to."""

@@ -11,15 +11,12 @@ __all__ = ["ImageBatch", "to_device"]
 
 
 def to_device(tensor: Tensor, device: torch.device | str) -> Tensor:
-    """``tensor`` on ``device``, without making the host wait for the GPU where avoidable.
+    """``tensor`` on ``device`` without making the host wait for the GPU where avoidable.
 
-    A plain ``.to("cuda")`` of a CPU tensor copies from pageable memory and synchronises
-    the stream first: the host waits until every kernel already queued has run, and the
-    GPU then idles while the host queues the next ones. A CPU tensor bound for a CUDA
-    device is therefore staged in pinned memory and copied with ``non_blocking=True``.
-    The staging buffer comes from PyTorch's caching host allocator, which does not reuse
-    it before the copy has run, so ``tensor`` may be changed or freed straight away.
-    Anything else is a plain ``.to``.
+    A plain ``.to("cuda")`` from pageable memory waits for every queued kernel first, so a
+    CPU tensor bound for CUDA is staged in pinned memory and copied with
+    ``non_blocking=True`` (the caching host allocator keeps the buffer until the copy has
+    run: ``tensor`` may change straight away). Anything else is a plain ``.to``.
     """
     device = torch.device(device)
     if tensor.device.type == "cpu" and device.type == "cuda" and tensor.numel() > 0:

@@ -18,7 +18,6 @@ import json
 import pickle
 import re
 import warnings
-import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,11 +78,11 @@ def read_torch_file(path: str | Path, what: str = "checkpoint",
                 f"({detail}); dinodet only loads tensors, plain data and "
                 "argparse.Namespace") from e
         raise CheckpointError(f"{what} {path} is truncated or corrupt: {_first_line(e)}") from e
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f"{what} {path} is truncated or corrupt "
-                              f"({type(e).__name__}: {_first_line(e)})") from e
     except OSError as e:
         raise CheckpointError(f"cannot read {what} {path}: {e.strerror or e}") from e
+    except Exception as e:  # a damaged file fails in many ways (EOFError, KeyError, ...)
+        raise CheckpointError(f"{what} {path} is truncated or corrupt "
+                              f"({type(e).__name__}: {_first_line(e)})") from e
 
 
 def _read_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:
@@ -150,16 +149,22 @@ class Weights:
 def _run_transform(config: Mapping[str, Any]) -> EvalTransform:
     """The evaluation transform of a run's config (older runs kept the sizes in ``data``)."""
     data = config.get("data") or {}
-    sizes = data.get("transform") or data
-    size = sizes.get("eval_size")
-    return EvalTransform(int(size), sizes.get("max_size")) if size else EvalTransform()
+    return EvalTransform.from_metadata(data.get("transform") or data)
+
+
+def _config(data: Mapping[str, Any]) -> DINOConfig:
+    """A stored model config. The attention backend is where the model runs, not part of
+    the weights: a file saved with "triton" opens without triton (env var, else auto)."""
+    from dinodet.config import DINOConfig
+
+    return DINOConfig.from_dict({**data, "attention_backend": None})
 
 
 def open_weights(path: str | Path, variant: str | None = None,
                  weights: WeightsChoice = "ema") -> Weights:
     """Any weights file of the module docstring, in dinodet's layout. ``variant``: the
     preset of an original DINO ``.pth``; ``weights``: EMA or raw of a run checkpoint."""
-    from dinodet.config import DINOConfig, get_preset
+    from dinodet.config import get_preset
 
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
@@ -167,16 +172,19 @@ def open_weights(path: str | Path, variant: str | None = None,
         get_preset(variant)  # an unknown variant fails before any file is read
     path = Path(path)
     if path.is_dir():
-        cfg_file = path / "config.json"
+        cfg_file, weights_file = path / "config.json", path / "model.safetensors"
         if not cfg_file.is_file():
+            if weights_file.is_file():  # weights without a config (enough for --init)
+                return Weights(_read_safetensors(weights_file), None, "safetensors file",
+                               weights_file)
             raise CheckpointNotFoundError(f"{path} is not a dinodet model directory: "
                                           "config.json missing")
         try:
             meta = json.loads(cfg_file.read_text())
-            config: DINOConfig | None = DINOConfig.from_dict(meta["config"])
+            config = _config(meta["config"])
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{cfg_file} is not a valid dinodet config: {e}") from e
-        sd = _read_safetensors(path / "model.safetensors")
+        sd = _read_safetensors(weights_file)
         return Weights(sd, config, "dinodet model directory", path, "raw",
                        meta.get("classes"), EvalTransform.from_metadata(meta))
     if path.suffix == ".safetensors":
@@ -186,7 +194,7 @@ def open_weights(path: str | Path, variant: str | None = None,
         ema = obj.get("ema")
         which: WeightsChoice = "ema" if weights == "ema" and ema else "raw"
         sd = ema["module"] if ema and which == "ema" else obj["model"]
-        return Weights(dict(sd), DINOConfig.from_dict(obj["model_config"]),
+        return Weights(dict(sd), _config(obj["model_config"]),
                        "dinodet checkpoint", path, which, obj.get("classes"),
                        _run_transform(obj.get("config") or {}))
     return _state_dict_weights(obj, path, variant)
@@ -215,10 +223,6 @@ class LoadedModel:
     transform: EvalTransform
     weights: Weights
 
-    @property
-    def kind(self) -> str:
-        return self.weights.kind
-
 
 def load_model(path: str | Path, variant: str | None = None,
                weights: WeightsChoice = "ema",
@@ -232,7 +236,7 @@ def load_model(path: str | Path, variant: str | None = None,
                 if found.kind == "original DINO checkpoint"
                 else "it holds no model config: use a run checkpoint, a model directory "
                      "or an original DINO checkpoint with its variant")
-        raise CheckpointError(f"{path} is a {found.kind}: {hint}")
+        raise CheckpointError(f"{path} ({found.kind}): {hint}")
     model = DINO(found.config)
     load_into(model, found.state_dict, str(path))
     model.to(map_location)

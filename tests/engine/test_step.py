@@ -25,7 +25,9 @@ TINY = ["model.hidden_dim=64", "model.num_heads=4", "model.enc_layers=1",
 
 
 # The tests wrap optimizer.step to record gradients, which LambdaLR notices.
-pytestmark = pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)`")
+# fp16's scaler skips a first step whose scaled gradients overflow, which LambdaLR notices too.
+pytestmark = [pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)`"),
+              pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")]
 
 
 def _model() -> DINO:
@@ -145,3 +147,21 @@ def test_an_epoch_whose_batches_do_not_fill_the_last_window_still_steps(tmp_path
     assert summary["steps"] == 4
     ckpt = load_checkpoint(summary["latest_checkpoint"])
     assert ckpt["scheduler"]["lr_lambdas"][0]["steps_per_epoch"] == 2
+
+
+def test_a_window_of_unreadable_images_only_takes_no_step():
+    """A batch whose images were all unreadable (B = 0) closing a window with nothing to
+    step on: no optimiser, scaler, schedule or EMA step (fp16's scaler would fail)."""
+    for amp in ("off", "fp16"):
+        state = TrainState.create(_model(), OptimConfig(), steps_per_epoch=4, epochs=1,
+                                  amp=amp, ema_decay=0.9)
+        empty = Batch(ImageBatch(torch.zeros(0, 3, 0, 0), torch.zeros(0, 0, 0, dtype=torch.bool)),
+                      [], ["broken.jpg"])
+        result = train_step(state, empty, window=1, closes_window=True)
+        assert result.finite and not result.stepped and result.losses == {}
+        assert state.progress.step == 0 and state.scheduler.last_epoch == 0
+        assert state.ema is not None and state.ema.updates == 0
+        # a window of a real batch and an empty one steps on the real batch's gradients
+        train_step(state, _batch(1), window=2, closes_window=False)
+        assert train_step(state, empty, window=2, closes_window=True).stepped, amp
+        assert state.progress.step == 1

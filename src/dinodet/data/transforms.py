@@ -132,7 +132,9 @@ class RandomShorterSideResize(v2.Transform):
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         h, w = _image_size(flat_inputs)
-        size = self.sizes[int(torch.randint(len(self.sizes), ()))]
+        # One size draws nothing: evaluation must not move the caller's random stream.
+        size = self.sizes[int(torch.randint(len(self.sizes), ()))] if len(self.sizes) > 1 \
+            else self.sizes[0]
         return {"size": shorter_side_size(h, w, size, self.max_size)}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
@@ -194,9 +196,9 @@ class EvalTransform:
     def __post_init__(self) -> None:
         if self.max_size is None:
             object.__setattr__(self, "max_size", default_max_size(self.size))
-        if not isinstance(self.size, int) or self.size < 1 or self.max_limit < self.size:
-            raise ValueError(f"eval_size {self.size} / max_size {self.max_size}: need a "
-                             "positive shorter side and max_size >= eval_size")
+        if not isinstance(self.size, int) or self.size < 1 or self.max_limit < 1:
+            raise ValueError(f"eval_size {self.size} / max_size {self.max_size}: need "
+                             "positive sizes")
         steps = v2.Compose([RandomShorterSideResize([self.size], self.max_limit),
                             v2.ToDtype(torch.float32, scale=True),
                             v2.Normalize(list(self.mean), list(self.std))])
@@ -224,17 +226,14 @@ class EvalTransform:
     def boxes_to_original(boxes: torch.Tensor, input_size: Sequence[int],
                           original_size: Sequence[int]) -> torch.Tensor:
         """xyxy boxes [..., 4] in pixels of the (h, w) ``input_size`` -> of ``original_size``."""
-        sy = original_size[0] / input_size[0]
-        sx = original_size[1] / input_size[1]
+        sy, sx = original_size[0] / input_size[0], original_size[1] / input_size[1]
         return boxes * boxes.new_tensor([sx, sy, sx, sy])
 
     def with_sizes(self, size: int | None = None, max_size: int | None = None
                    ) -> EvalTransform:
         """A copy with other sizes (a new ``size`` alone takes its default ``max_size``)."""
-        if size is None and max_size is None:
-            return self
         if size is None:
-            return dataclasses.replace(self, max_size=max_size)
+            return self if max_size is None else dataclasses.replace(self, max_size=max_size)
         return dataclasses.replace(self, size=size, max_size=max_size)
 
     def metadata(self) -> dict[str, Any]:
@@ -245,9 +244,8 @@ class EvalTransform:
     @classmethod
     def from_metadata(cls, meta: dict[str, Any]) -> EvalTransform:
         """The inverse of :meth:`metadata` (800 px where missing)."""
-        size = int(meta.get("eval_size") or 800)
-        return cls(size, meta.get("max_size"), tuple(meta.get("mean") or IMAGENET_MEAN),
-                   tuple(meta.get("std") or IMAGENET_STD))
+        return cls(int(meta.get("eval_size") or 800), meta.get("max_size"),
+                   tuple(meta.get("mean") or IMAGENET_MEAN), tuple(meta.get("std") or IMAGENET_STD))
 
 
 def build_transforms(train: bool, cfg: TransformConfig | None = None) -> Any:

@@ -38,7 +38,9 @@ __all__ = ["METRIC_NAMES", "CocoEvaluator", "EvalResult", "evaluate", "evaluate_
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
                 "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
-_AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The autocast dtype of each ``amp`` setting (evaluation's and training's).
+AMP_DTYPES: dict[str, torch.dtype | None] = {"off": None, "bf16": torch.bfloat16,
+                                             "fp16": torch.float16}
 
 
 def _quiet(verbose: bool) -> contextlib.AbstractContextManager:
@@ -257,8 +259,8 @@ def evaluate(model: nn.Module, loader: Iterable[Any], device: torch.device | str
     Returns:
         The metrics (gathered over all processes) and the COCO results list.
     """
-    if amp not in _AMP_DTYPES:
-        raise ValueError(f"amp must be one of {sorted(_AMP_DTYPES)}, got {amp!r}")
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)}, got {amp!r}")
     device = torch.device(device)
     evaluator = CocoEvaluator(coco_gt, label_to_category_id, class_names)
     was_training = model.training
@@ -270,7 +272,7 @@ def evaluate(model: nn.Module, loader: Iterable[Any], device: torch.device | str
                 if not targets:
                     continue
                 images = _to_device(batch, device)
-                with torch.autocast(device.type, dtype=_AMP_DTYPES[amp], enabled=amp != "off"):
+                with torch.autocast(device.type, dtype=AMP_DTYPES[amp], enabled=amp != "off"):
                     outputs = model(images)
                 # Boxes are relative to each (transformed, unpadded) image, and resizing keeps
                 # relative coordinates, so scaling by the original size gives original pixels.

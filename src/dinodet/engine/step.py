@@ -18,14 +18,12 @@ from dinodet.data.collate import Batch
 from dinodet.engine import distributed as dist
 from dinodet.engine.config import AmpMode, OptimConfig
 from dinodet.engine.ema import ModelEMA
+from dinodet.engine.evaluate import AMP_DTYPES
 from dinodet.engine.optim import build_optimizer, build_scheduler, clip_gradients
 from dinodet.loss.criterion import build_criterion
 from dinodet.model.dino import DINO
 
-__all__ = ["AMP_DTYPES", "Progress", "StepResult", "TrainState", "train_step"]
-
-AMP_DTYPES: dict[str, torch.dtype | None] = {"off": None, "bf16": torch.bfloat16,
-                                             "fp16": torch.float16}
+__all__ = ["Progress", "StepResult", "TrainState", "train_step"]
 
 
 @dataclass
@@ -55,6 +53,7 @@ class TrainState:
     clip_max_norm: float = 0.1
     net: nn.Module | None = None
     progress: Progress = field(default_factory=Progress)
+    backward_in_window: int = 0  # batches backpropagated since the last step
 
     @classmethod
     def create(cls, model: DINO, optim: OptimConfig, steps_per_epoch: int, epochs: int,
@@ -154,10 +153,13 @@ def train_step(state: TrainState, batch: Batch, window: int = 1,
             if finite.item() < 1:
                 state.optimizer.zero_grad(set_to_none=True)
                 state.progress.bad_steps += 1
+                state.backward_in_window = 0
                 return StepResult(losses, False, False)
             state.scaler.scale(loss / window).backward()
-    if not closes_window:
+            state.backward_in_window += 1
+    if not closes_window or not state.backward_in_window:  # nothing to step on: no step
         return StepResult(losses, True, False)
+    state.backward_in_window = 0
     state.scaler.unscale_(state.optimizer)
     clip_gradients(state.model, state.clip_max_norm)
     state.scaler.step(state.optimizer)
