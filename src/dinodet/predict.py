@@ -134,22 +134,17 @@ class Detector:
 
     def __call__(self, images: ImageInput | Sequence[ImageInput], threshold: float = 0.3,
                  batch_size: int = 4) -> Detections | list[Detections]:
-        """Detect objects in one image (returns Detections) or a list (returns a list).
-
-        Detections scoring below ``threshold`` are dropped; the model keeps at most its
-        ``cfg.num_select`` best before that.
-        """
+        """Detections of one image, or a list of them for a list: at most the model's
+        ``num_select`` best, those below ``threshold`` dropped."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        single = not isinstance(images, (list, tuple))
-        # load_image rejects unknown types
+        single = not isinstance(images, (list, tuple))  # load_image rejects unknown types
         items: list[Any] = [images] if single else list(images)  # type: ignore[arg-type]
         results: list[Detections] = []
         for start in range(0, len(items), batch_size):
             batch = [load_image(x) for x in items[start:start + batch_size]]
-            results += self.detect_batch(ImageBatch.from_images([self.transform(im)
-                                                                 for im in batch]),
-                                         [(int(im.shape[1]), int(im.shape[2])) for im in batch],
+            images_in = ImageBatch.from_images([self.transform(im) for im in batch])
+            results += self.detect_batch(images_in, [(im.shape[1], im.shape[2]) for im in batch],
                                          threshold)
         return results[0] if single else results
 

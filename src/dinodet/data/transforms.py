@@ -132,13 +132,20 @@ class RandomShorterSideResize(v2.Transform):
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         h, w = _image_size(flat_inputs)
-        # One size draws nothing: evaluation must not move the caller's random stream.
-        size = self.sizes[int(torch.randint(len(self.sizes), ()))] if len(self.sizes) > 1 \
-            else self.sizes[0]
+        size = self.sizes[int(torch.randint(len(self.sizes), ()))]
         return {"size": shorter_side_size(h, w, size, self.max_size)}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         return F.resize(inpt, list(params["size"]), antialias=True)
+
+
+class ShorterSideResize(RandomShorterSideResize):
+    """The one-size resize of :class:`EvalTransform`: draws no random number (evaluation
+    must not move the caller's random stream)."""
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        h, w = _image_size(flat_inputs)
+        return {"size": shorter_side_size(h, w, self.sizes[0], self.max_size)}
 
 
 class RandomSizeCrop(v2.Transform):
@@ -199,7 +206,7 @@ class EvalTransform:
         if not isinstance(self.size, int) or self.size < 1 or self.max_limit < 1:
             raise ValueError(f"eval_size {self.size} / max_size {self.max_size}: need "
                              "positive sizes")
-        steps = v2.Compose([RandomShorterSideResize([self.size], self.max_limit),
+        steps = v2.Compose([ShorterSideResize([self.size], self.max_limit),
                             v2.ToDtype(torch.float32, scale=True),
                             v2.Normalize(list(self.mean), list(self.std))])
         object.__setattr__(self, "_steps", steps)
