@@ -34,8 +34,7 @@ def _detect_demo(args: argparse.Namespace) -> int:
 
     import dinodet
     from dinodet.data.synthetic import synthetic_image
-    from dinodet.predict import Detector, load_image
-    from dinodet.structures import ImageBatch
+    from dinodet.predict import Detections, Detector
 
     torch.manual_seed(args.seed)
     if args.weights:
@@ -46,9 +45,8 @@ def _detect_demo(args: argparse.Namespace) -> int:
         variant = f"{args.variant} (random weights: no pretrained file on this machine)"
     image = synthetic_image(args.height, args.width, args.seed)
     start = time.perf_counter()
-    found = detector.detect_batch(
-        ImageBatch.from_images([detector.transform(load_image(image))]),
-        [(args.height, args.width)], threshold=0.0)[0]
+    found = detector(image, threshold=0.0)
+    assert isinstance(found, Detections)  # one image in, one Detections out
     seconds = time.perf_counter() - start
     h, w = detector.resized_size(args.height, args.width)
     print(f"model: {variant}")
