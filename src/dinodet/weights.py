@@ -258,10 +258,11 @@ def from_original(source: str | Path | Mapping[str, Any], variant: str,
     from dinodet.model.dino import DINO
 
     get_preset(variant)  # unknown variants fail before any file is read
-    from_file = isinstance(source, (str, Path))
-    where = Path(source) if isinstance(source, (str, Path)) else Path("state dict")
-    found = _state_dict_weights(read_torch_file(where) if from_file else source, where,
-                                variant)
+    if isinstance(source, (str, Path)):
+        where, obj = Path(source), read_torch_file(source)
+    else:
+        where, obj = Path("state dict"), source
+    found = _state_dict_weights(obj, where, variant)
     if found.config is None:
         raise CheckpointError(f"{where} is not an original DINO checkpoint (no "
                               "'transformer.' or 'backbone.0.' keys)")
