@@ -24,9 +24,23 @@ class BackboneConfig:
     """The image backbone.
 
     ``return_levels`` indexes the stages (ResNet layer1..4 / Swin stages 0..3): (1, 2, 3) gives
-    C3-C5 (4-scale with one extra level), (0, 1, 2, 3) C2-C5 (5-scale). ``frozen_batchnorm``
-    keeps BatchNorm statistics and affine fixed, as the original does on ImageNet weights;
-    ``freeze_stem`` gives conv1/bn1/layer1 no gradient; ``weights``: a local file, never fetched.
+    C3-C5 (4-scale with one extra level), (0, 1, 2, 3) C2-C5 (5-scale).
+
+    ``weights``: where pretrained weights come from, read only when training starts on a fresh
+    model (:func:`dinodet.model.pretrained.load_pretrained_backbone`); building a model never
+    reads or downloads them. ``"imagenet"`` (the original's: torchvision's IMAGENET1K_V1 for
+    a ResNet, the Swin authors' ImageNet-22k ``swin_large_patch4_window12_384_22k.pth`` for
+    Swin-L), a torchvision weights name (``"IMAGENET1K_V2"``,
+    ``"ResNet50_Weights.IMAGENET1K_V2"``), a Hugging Face Hub repository of timm weights
+    (``"timm/swin_large_patch4_window12_384.ms_in22k"``, optionally ``hf-hub:``-prefixed), a
+    local ``.pth`` / ``.pt`` / ``.safetensors`` file, or None (``"none"``): random weights.
+
+    ``frozen_batchnorm`` and ``freeze_stem`` say what trains, and default to the original's
+    rule for pretrained weights: every BatchNorm frozen (FrozenBatchNorm2d: affine and
+    statistics are buffers) and, with ``freeze_stem``, no gradient for ResNet's conv1, bn1
+    and layer1 whatever ``return_levels`` (the original freezes nothing in Swin, so
+    ``freeze_stem`` changes nothing there). Training from scratch (no ``weights`` and no
+    ``--init``) turns both off: BatchNorm trains and every parameter gets a gradient.
     """
 
     name: BackboneName = "resnet50"
@@ -39,6 +53,8 @@ class BackboneConfig:
 
     def __post_init__(self) -> None:
         coerce_fields(self)
+        if self.weights is not None and self.weights.strip().lower() in ("", "none"):
+            self.weights = None
         levels = self.return_levels
         require(len(levels) > 0 and set(levels) <= {0, 1, 2, 3} and list(levels) == sorted(
             set(levels)), "return_levels", levels, "must be increasing stage indices in 0..3")
@@ -122,7 +138,10 @@ class DINOConfig:
 
 
 def _preset(backbone: BackboneName, levels: tuple[int, ...]) -> DINOConfig:
-    return DINOConfig(backbone=BackboneConfig(name=backbone, return_levels=levels),
+    # The original's ImageNet weights (IN-1k V1 for ResNet-50, IN-22k for Swin-L), loaded
+    # when training starts; a model built from the preset stays offline.
+    return DINOConfig(backbone=BackboneConfig(name=backbone, return_levels=levels,
+                                              weights="imagenet"),
                       num_feature_levels=len(levels) + 1)
 
 

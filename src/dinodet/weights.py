@@ -328,21 +328,42 @@ _CLASSIFIER = ("fc.", "head.", "norm.")
 _DERIVED = ("num_batches_tracked", "relative_position_index", "attn_mask")
 
 
-def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
-    """ImageNet weights from a local ``.pth`` / ``.safetensors`` file (no download);
-    classifier heads are ignored, Swin's per-level output norms may be missing."""
-    path = Path(path)
+def read_backbone_file(path: str | Path) -> Any:
+    """What a local ``.pth`` / ``.pt`` / ``.safetensors`` backbone file holds (no download);
+    :func:`load_backbone_state_dict` takes it."""
+    path = Path(path).expanduser()
     if path.suffix == ".safetensors":
-        sd: Any = _read_safetensors(path)
-    else:
-        sd = read_torch_file(path, "backbone weights")
-        for key in ("model", "state_dict"):
-            if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-                sd = sd[key]
-    if not isinstance(sd, Mapping):
-        raise CheckpointError(f"backbone weights {path} hold no state dict")
+        return _read_safetensors(path)
+    return read_torch_file(path, "backbone weights")
+
+
+def load_backbone_state_dict(body: nn.Module, sd: Any, where: str) -> None:
+    """Load ImageNet weights read from ``where`` into a backbone body.
+
+    A checkpoint holding the state dict under ``model`` / ``state_dict`` is opened;
+    classifier heads and derived buffers are ignored; Swin's per-level output norms may be
+    missing; Swin weights in timm's layout are renamed to the original's
+    (:func:`dinodet.model.pretrained.timm_swin_to_original`). Anything else that does not
+    fit is a :class:`CheckpointError` naming the keys.
+    """
+    from dinodet.model.pretrained import timm_swin_to_original
+    from dinodet.model.swin import SwinTransformer
+
+    for key in ("model", "state_dict"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    if not isinstance(sd, Mapping) or not all(isinstance(v, Tensor) for v in sd.values()):
+        raise CheckpointError(f"{where} holds no state dict")
+    if isinstance(body, SwinTransformer):
+        sd = timm_swin_to_original(sd, len(body.layers))
     sd = {k: v for k, v in sd.items()
           if not k.startswith(_CLASSIFIER) and not k.endswith(_DERIVED)}
-    check_keys(body.state_dict(), sd, f"backbone weights {path}", type(body).__name__,
+    check_keys(body.state_dict(), sd, where, type(body).__name__,
                may_be_missing=lambda k: bool(re.match(r"norm\d\.", k)) or k.endswith(_DERIVED))
     body.load_state_dict(sd, strict=False)
+
+
+def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
+    """ImageNet weights from a local ``.pth`` / ``.pt`` / ``.safetensors`` file (no
+    download) into a backbone body, as :func:`load_backbone_state_dict` says."""
+    load_backbone_state_dict(body, read_backbone_file(path), f"backbone weights {path}")

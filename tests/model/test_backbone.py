@@ -5,7 +5,12 @@ import torch
 import torchvision
 
 from dinodet.config import BackboneConfig
-from dinodet.model.backbone import build_backbone
+from dinodet.model.backbone import build_backbone, frozen_modules
+from dinodet.weights import load_backbone_weights
+
+
+def _frozen(body: torch.nn.Module) -> set[str]:
+    return {n.split(".")[0] for n, p in body.named_parameters() if not p.requires_grad}
 
 
 def test_resnet_levels_channels_and_frozen_stem():
@@ -14,12 +19,31 @@ def test_resnet_levels_channels_and_frozen_stem():
     feats = body(torch.randn(1, 3, 64, 96))
     assert [f.shape[1:] for f in feats] == [(512, 8, 12), (1024, 4, 6), (2048, 2, 3)]
     # FrozenBatchNorm2d holds buffers only; the convolutions of the stem and layer1 stop.
-    frozen = {n.split(".")[0] for n, p in body.named_parameters() if not p.requires_grad}
-    assert frozen == {"conv1", "layer1"}
+    assert _frozen(body) == {"conv1", "layer1"}
     assert isinstance(body.bn1, torchvision.ops.FrozenBatchNorm2d)
+    # The original freezes layer1 whatever the levels: the 5-scale model returns C2 from a
+    # layer1 that does not train.
     five = build_backbone(BackboneConfig(name="resnet50", return_levels=(0, 1, 2, 3)))
     assert five.out_channels == [256, 512, 1024, 2048]
-    assert all(p.requires_grad for p in five.layer1.parameters())
+    assert _frozen(five) == {"conv1", "layer1"}
+    assert all(p.requires_grad for name in ("layer2", "layer3", "layer4")
+               for p in getattr(five, name).parameters())
+
+
+def test_the_freezing_rule_is_the_originals():
+    assert frozen_modules(BackboneConfig(name="resnet50")) == ("conv1", "bn1", "layer1")
+    assert frozen_modules(BackboneConfig(name="resnet50", freeze_stem=False)) == ()
+    assert frozen_modules(BackboneConfig(name="swin_l_384")) == ()  # nothing in Swin
+    scratch = build_backbone(BackboneConfig(name="resnet18", return_levels=(0, 1, 2, 3),
+                                            frozen_batchnorm=False, freeze_stem=False))
+    assert _frozen(scratch) == set() and isinstance(scratch.bn1, torch.nn.BatchNorm2d)
+
+
+def test_building_never_reads_the_weights(tmp_path):
+    # A source that does not exist (or could only be downloaded) is no concern of the model.
+    for weights in (str(tmp_path / "absent.pth"), "imagenet", "IMAGENET1K_V1",
+                    "timm/resnet18.tv_in1k"):
+        build_backbone(BackboneConfig(name="resnet18", weights=weights))
 
 
 def test_pretrained_weights_load_from_a_local_file(tmp_path):
@@ -28,6 +52,8 @@ def test_pretrained_weights_load_from_a_local_file(tmp_path):
     path = tmp_path / "resnet18.pth"
     torch.save(imagenet.state_dict(), path)
     body = build_backbone(BackboneConfig(name="resnet18", weights=str(path)))
+    assert not torch.equal(body.layer3[1].conv2.weight, imagenet.layer3[1].conv2.weight)
+    load_backbone_weights(body, path)
     torch.testing.assert_close(body.layer3[1].conv2.weight, imagenet.layer3[1].conv2.weight)
     torch.testing.assert_close(body.layer2[0].bn1.running_var, imagenet.layer2[0].bn1.running_var)
 
@@ -35,7 +61,8 @@ def test_pretrained_weights_load_from_a_local_file(tmp_path):
 def test_pretrained_weights_that_do_not_fit_are_named(tmp_path):
     path = tmp_path / "resnet50.pth"
     torch.save(torchvision.models.resnet50().state_dict(), path)
+    body = build_backbone(BackboneConfig(name="resnet18"))
     with pytest.raises(ValueError, match=r"resnet50\.pth do not fit"):
-        build_backbone(BackboneConfig(name="resnet18", weights=str(path)))
+        load_backbone_weights(body, path)
     with pytest.raises(FileNotFoundError, match=r"absent\.pth"):
-        build_backbone(BackboneConfig(name="resnet18", weights=str(tmp_path / "absent.pth")))
+        load_backbone_weights(body, tmp_path / "absent.pth")

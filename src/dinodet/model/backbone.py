@@ -51,8 +51,27 @@ class ResNetBody(nn.Module):
         return out
 
 
+# What gets no gradient under pretrained weights (``freeze_stem``), as the original: ResNet's
+# stem and first stage whatever levels are returned; nothing in Swin. The one place this is
+# said; FrozenBatchNorm2d (``frozen_batchnorm``) has no parameters to freeze.
+_FROZEN_MODULES = {"resnet": ("conv1", "bn1", "layer1"), "swin": ()}
+
+
+def frozen_modules(cfg: BackboneConfig) -> tuple[str, ...]:
+    """Top-level modules of the body whose parameters get no gradient under ``cfg``."""
+    if not cfg.freeze_stem:
+        return ()
+    return _FROZEN_MODULES["resnet" if cfg.name in _RESNET_CHANNELS else "swin"]
+
+
 def build_backbone(cfg: BackboneConfig) -> nn.Module:
-    """Backbone body with ``out_channels`` and ``strides`` attributes; loads local weights."""
+    """Backbone body with ``out_channels`` and ``strides`` attributes, randomly initialised
+    and frozen as :func:`frozen_modules` says.
+
+    Never reads or downloads ``cfg.weights``: training loads them once on a fresh model
+    (:func:`dinodet.model.pretrained.load_pretrained_backbone`), and a model that gets a
+    checkpoint's weights next needs none.
+    """
     if cfg.name in _RESNET_CHANNELS:
         body: nn.Module = ResNetBody(cfg.name, tuple(cfg.return_levels), cfg.frozen_batchnorm)
     elif cfg.name == "swin_l_384":
@@ -64,15 +83,8 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
             body.use_checkpoint = True
     else:  # validated in the config; kept for direct callers
         raise ValueError(f"unknown backbone {cfg.name!r}")
-    if cfg.weights:
-        from dinodet.weights import load_backbone_weights
-
-        load_backbone_weights(body, cfg.weights)
-    if cfg.freeze_stem:
-        frozen = ["conv1", "bn1", "patch_embed"]
-        if 0 not in cfg.return_levels:
-            frozen.append("layer1")
-        for name, p in body.named_parameters():
-            if name.split(".")[0] in frozen:
-                p.requires_grad_(False)
+    frozen = frozen_modules(cfg)
+    for name, p in body.named_parameters():
+        if name.split(".")[0] in frozen:
+            p.requires_grad_(False)
     return body

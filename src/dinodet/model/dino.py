@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -12,7 +13,7 @@ from dinodet.config import DINOConfig
 from dinodet.model.backbone import build_backbone
 from dinodet.model.boxes import inverse_sigmoid
 from dinodet.model.denoising import DenoisingQueries, build_denoising_queries
-from dinodet.model.heads import box_head, class_head
+from dinodet.model.heads import box_head, class_head, init_box_head, init_class_head
 from dinodet.model.ms_deform_attn import Backend, MSDeformAttn, resolve_backend
 from dinodet.model.position import sine_feature_embedding
 from dinodet.model.query_selection import QuerySelection
@@ -85,14 +86,9 @@ class DINO(nn.Module):
         for _ in range(cfg.num_feature_levels - len(in_channels)):
             convs.append(nn.Conv2d(c, dim, 3, stride=2, padding=1))
             c = dim
-        for conv in convs:
-            nn.init.xavier_uniform_(conv.weight, gain=1)
-            assert conv.bias is not None
-            nn.init.zeros_(conv.bias)
         self.input_proj = nn.ModuleList(nn.Sequential(conv, nn.GroupNorm(32, dim))
                                         for conv in convs)
         self.level_embed = nn.Parameter(torch.empty(cfg.num_feature_levels, dim))
-        nn.init.normal_(self.level_embed)
         # Resolved once for every MSDeformAttn (the environment variable is read here only).
         layer_kwargs: dict[str, Any] = dict(
             ffn_dim=cfg.dim_feedforward, dropout=cfg.dropout,
@@ -108,6 +104,86 @@ class DINO(nn.Module):
         self.class_head = class_head(dim, cfg.num_classes)
         self.box_head = box_head(dim)
         self.label_embed = nn.Embedding(cfg.labelbook_size + 1, dim)
+        self.reset_parameters()
+
+    # Parameters of the query selection that the original keeps outside its transformer
+    # when that resets: its enc_out_class_embed / enc_out_bbox_embed are assigned later.
+    _QUERY_HEADS = ("query_selection.class_head.", "query_selection.box_head.")
+
+    def named_transformer_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The parameters the original holds in its ``transformer`` when that runs its
+        ``_reset_parameters``: ``level_embed``, the encoder, the decoder (its layers, final
+        norm and ``ref_point_head``) and the query selection (``enc_output`` and its norm,
+        the content table ``tgt_embed``, static mode's anchor table ``refpoint_embed``)
+        without its two heads. The shared class/box heads and the encoder's copies of
+        them are assigned into the original's transformer only after that reset, so they
+        are not part of it (nor, in dinodet, of the encoder or decoder modules)."""
+        for name, p in self.named_parameters():
+            if name == "level_embed" or name.startswith(("encoder.", "decoder.")) or (
+                    name.startswith("query_selection.")
+                    and not name.startswith(self._QUERY_HEADS)):
+                yield name, p
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise every parameter outside the backbone as the original DINO does
+        (the backbone is left alone: it loads pretrained weights). Run by ``__init__``;
+        calling it again re-draws the same rules.
+
+        1. PyTorch's defaults first: Linear and Conv2d weights and biases uniform in
+           ±1/sqrt(fan_in) (kaiming-uniform with a = √5), LayerNorm / GroupNorm weight 1 and
+           bias 0, Embedding N(0, 1).
+        2. The transformer (:meth:`named_transformer_parameters`, the original's
+           ``DeformableTransformer._reset_parameters``): xavier-uniform on every tensor with
+           more than one dimension: FFN linear1 / linear2, the decoder self-attention's
+           ``in_proj_weight`` and ``out_proj.weight``, ``ref_point_head``, ``enc_output``,
+           the 900×256 content table (std ≈ 0.042) and, in static mode, the anchor table;
+           mode "pure" has no table. Then every deformable attention's own
+           :meth:`~dinodet.model.ms_deform_attn.MSDeformAttn.reset_parameters` (offsets 0
+           with the direction-fan bias, attention weights 0, value / output projections
+           xavier-uniform with bias 0), then ``level_embed`` N(0, 1). One-dimensional
+           tensors keep step 1 (norms 1 / 0, Linear biases uniform), except the
+           self-attention's ``in_proj_bias`` and ``out_proj.bias``: 0, as
+           ``nn.MultiheadAttention`` sets them.
+        3. Heads, outside the transformer: the class head keeps the default weight with
+           bias −log((1−0.01)/0.01); the box MLP the default except its last layer, zero
+           weight and bias. The encoder's class and box heads (the original's
+           ``enc_out_class_embed`` / ``enc_out_bbox_embed``, deep copies) start equal to
+           them.
+        4. ``input_proj``: convolutions xavier-uniform (gain 1) with bias 0, GroupNorm as
+           step 1; ``label_embed`` (the denoising label table) N(0, 1) from step 1.
+        """
+        # 1. PyTorch's defaults (MSDeformAttn's own reset comes in step 2).
+        for name, part in self.named_children():
+            if name == "backbone":
+                continue
+            for m in part.modules():
+                reset = getattr(m, "reset_parameters", None)
+                if callable(reset) and not isinstance(m, MSDeformAttn):
+                    reset()
+        # 2. The transformer.
+        for _, p in self.named_transformer_parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        for m in [*self.encoder.modules(), *self.decoder.modules()]:
+            if isinstance(m, nn.MultiheadAttention):
+                assert m.in_proj_bias is not None and m.out_proj.bias is not None
+                nn.init.zeros_(m.in_proj_bias)
+                nn.init.zeros_(m.out_proj.bias)
+            elif isinstance(m, MSDeformAttn):
+                m.reset_parameters()
+        nn.init.normal_(self.level_embed)
+        # 3. Heads, and the encoder's copies of them.
+        init_class_head(self.class_head)
+        init_box_head(self.box_head)
+        self.query_selection.class_head.load_state_dict(self.class_head.state_dict())
+        self.query_selection.box_head.load_state_dict(self.box_head.state_dict())
+        # 4. Input projections.
+        for conv in self.input_proj.modules():
+            if isinstance(conv, nn.Conv2d):
+                assert conv.bias is not None
+                nn.init.xavier_uniform_(conv.weight, gain=1)
+                nn.init.zeros_(conv.bias)
 
     @property
     def num_classes(self) -> int:

@@ -329,6 +329,11 @@ class MSDeformAttn(nn.Module):
                 f"num_points={self.num_points}, backend={name}")
 
     def reset_parameters(self) -> None:
+        """Deformable DETR's init, which the original runs after its transformer-wide
+        xavier pass: sampling offsets weight 0 and bias a fan of head directions (head h
+        along (cos, sin)(2πh/heads) scaled to a max-norm of 1, point k reaching k+1 cells
+        away, at every level); attention weights 0 (uniform attention); value and output
+        projections xavier-uniform with bias 0."""
         # Offsets start as a fan of directions, point k reaching k+1 cells away.
         nn.init.zeros_(self.sampling_offsets.weight)
         angles = torch.arange(self.num_heads, dtype=torch.float32) * (2 * math.pi / self.num_heads)

@@ -68,6 +68,9 @@ class QuerySelection(nn.Module):
     mode "mixed": anchors from the encoder, content from a learned embedding (DINO).
     mode "pure": content from the selected encoder tokens too (detached).
     mode "static": learned anchors and content, no selection (a DAB-DETR-style ablation).
+
+    Built on its own, its layers have PyTorch's default init; :meth:`DINO.reset_parameters
+    <dinodet.model.dino.DINO.reset_parameters>` gives them the original's.
     """
 
     def __init__(self, dim: int, num_classes: int, num_queries: int, mode: str = "mixed",
@@ -78,16 +81,11 @@ class QuerySelection(nn.Module):
         self.enc_output_norm = nn.LayerNorm(dim)
         self.class_head = class_head(dim, num_classes)
         self.box_head = box_head(dim)
+        # Learned content (the original's tgt_embed) and, static mode only, learned anchor
+        # logits (its refpoint_embed). Both are xavier-uniform tables once the model is
+        # built: see DINO.reset_parameters, which initialises this module in a detector.
         self.content = nn.Embedding(num_queries, dim) if mode != "pure" else None
-        self.anchors: nn.Embedding | None = None
-        if mode == "static":
-            self.anchors = nn.Embedding(num_queries, 4)
-            nn.init.uniform_(self.anchors.weight[:, :2], 0, 1)
-            with torch.no_grad():  # learned anchor logits, spread over the image
-                self.anchors.weight[:, :2] = torch.logit(self.anchors.weight[:, :2], 1e-3)
-                self.anchors.weight[:, 2:] = torch.logit(torch.tensor(0.1))
-        if self.content is not None:
-            nn.init.normal_(self.content.weight)
+        self.anchors = nn.Embedding(num_queries, 4) if mode == "static" else None
 
     def forward(self, memory: Tensor, padding_mask: Tensor,
                 spatial_shapes: list[tuple[int, int]]) -> SelectedQueries:
