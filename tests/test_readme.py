@@ -28,22 +28,14 @@ import torch
 from PIL import Image
 
 from dinodet.data.synthetic import make_synthetic_coco
-from dinodet.data.transforms import TransformConfig
 
 from reference_weights import load_manifest, make_state_dict
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCK = re.compile(r"^```(python|bash)\n(.*?)^```", re.S | re.M)
 SIZE = 128
-_small = TransformConfig.for_eval_size(SIZE)
 SMALL_DATA = " ".join([
-    f"--set data.transform.eval_size={SIZE}",
-    "--set data.transform.scales=[" + ",".join(map(str, _small.scales)) + "]",
-    f"--set data.transform.max_size={_small.max_size}",
-    "--set data.transform.crop_resize_scales=["
-    + ",".join(map(str, _small.crop_resize_scales)) + "]",
-    f"--set data.transform.crop_min={_small.crop_min}",
-    f"--set data.transform.crop_max={_small.crop_max}",
+    f"--image-size {SIZE}",
     "--set data.num_workers=0", "--no-progress"])
 
 SKIP, RUN = "skip", "run"
@@ -55,6 +47,8 @@ PLAN: dict[str, tuple[str, object]] = {
     "dinodet train --preset r50-4scale \\": (RUN, {
         "--preset r50-4scale": "--preset cpu-small",
         "--epochs 12": f"--epochs 1 {SMALL_DATA}"}),
+    "dinodet train --preset cpu-small \\": (RUN, {
+        "--out runs/small": f"--out runs/small --epochs 1 {SMALL_DATA}"}),
     "dinodet eval --checkpoint runs/mine/best.pt": (RUN, {}),
     "torchrun --nproc_per_node=8": (SKIP, "needs GPUs and machines; two-process DDP is "
                                           "tested in tests/engine/test_distributed.py"),

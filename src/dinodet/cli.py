@@ -64,8 +64,9 @@ def _train(args: argparse.Namespace) -> int:
     from dinodet.engine.train import TrainingStopped, train
 
     cfg = load_train_config(
-        args.preset, args.config, args.set or [], epochs=args.epochs,
-        batch_size=args.batch_size, out_dir=args.out, train_ann=args.train_ann,
+        args.preset, args.config, args.set or [], image_size=args.image_size,
+        epochs=args.epochs, batch_size=args.batch_size,
+        total_batch_size=args.total_batch_size, out_dir=args.out, train_ann=args.train_ann,
         train_images=args.train_images, val_ann=args.val_ann, val_images=args.val_images,
         keep_category_ids=True if args.keep_category_ids else None,
         strict=True if args.strict else None)
@@ -248,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train on a COCO-format dataset (torchrun for many GPUs)")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help="network preset (default r50-4scale, or the config file's)")
+                   help="recipe: network, image sizes, optimiser, schedule, epochs and batch "
+                        "(default r50-4scale, the paper's; or the config file's)")
     p.add_argument("--train-ann", help="COCO annotation json of the training split")
     p.add_argument("--train-images", help="image folder of the training split")
     p.add_argument("--val-ann", help="COCO annotation json of the validation split")
@@ -256,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (checkpoints, logs)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="images per process")
+    p.add_argument("--total-batch-size", type=int,
+                   help="images per optimiser step, all processes and accumulated batches "
+                        "together (the paper's 16; default: the preset's)")
+    p.add_argument("--image-size", type=int, metavar="N",
+                   help="rescale every image size of the recipe to an evaluation size of N "
+                        "(augmentation scales, crop, longer-side cap)")
     p.add_argument("--config", help="YAML file of settings (validated)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override one setting, e.g. --set optim.lr=2e-4 (repeatable)")
@@ -277,7 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ann", required=True, help="COCO annotation json")
     p.add_argument("--images", required=True, help="image folder")
     p.add_argument("--out", help="write detections here (COCO results json)")
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="images per forward pass; 1 (default) as the paper, where padding "
+                        "cannot change the detections")
     p.add_argument("--max-size", type=int, default=None,
                    help="cap on the longer side (default: the checkpoint's, or 1333/800 of "
                         "--eval-size)")

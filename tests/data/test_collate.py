@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 from dinodet.data import (
     Batch,
     CocoDetection,
+    EpochSampler,
     SkippedImage,
     TransformConfig,
     build_loader,
@@ -121,3 +122,21 @@ def test_training_loader_is_reproducible_for_a_seed(loader_data):
     assert len(first) == 4  # 8 samples, drop_last
     other = _flatten(build_loader(ds, batch_size=2, train=True, num_workers=2, seed=1))
     assert [ids for ids, *_ in other] != [ids for ids, *_ in first]
+
+
+def test_a_resumed_epoch_skips_the_same_samples_on_any_number_of_ranks():
+    """The skip counts samples of the epoch's order, all ranks together: 6 done by 2 ranks
+    then 3 ranks (or 1) share out exactly the 14 that are left, none twice."""
+    full = list(EpochSampler(20, True, seed=3, world=1))
+    ranks = [EpochSampler(20, True, seed=3, rank=r, world=2, drop_last=True) for r in range(2)]
+    first = [i for s in ranks for i in list(s)[:3]]
+    assert sorted(first) == sorted(full[:6])
+    for world in (1, 2, 3):
+        rest = []
+        for r in range(world):
+            s = EpochSampler(20, True, seed=3, rank=r, world=world, drop_last=True)
+            s.set_epoch(0, skip=6)
+            rest += list(s)
+        expected = full[6:]
+        assert sorted(rest) == sorted(expected[: len(expected) - len(expected) % world])
+        assert not set(rest) & set(first)

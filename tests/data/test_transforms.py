@@ -142,5 +142,8 @@ def test_config_validation_and_scaling():
     with pytest.raises(ValueError, match="scales"):
         TransformConfig(scales=())
     assert TransformConfig(scales=[256, 288]).scales == (256, 288)
-    small = TransformConfig.for_eval_size(320)
+    small = TransformConfig().scaled(320)
     assert small.eval_size == 320 and max(small.scales) == 320 and small.max_size == 533
+    assert small.crop_resize_scales == (160, 200, 240) and (small.crop_min, small.crop_max) == (
+        154, 240)
+    assert TransformConfig().scaled(800) == TransformConfig()

@@ -31,6 +31,32 @@ def test_defaults_follow_the_recipe():
     assert (cfg.optim.lr, cfg.optim.lr_backbone, cfg.optim.weight_decay) == (1e-4, 1e-5, 1e-4)
     assert cfg.optim.lr_drop_epochs == (11,) and cfg.epochs == 12
     assert cfg.optim.clip_max_norm == 0.1 and cfg.amp == "off"
+    assert (cfg.batch_size, cfg.total_batch_size, cfg.eval_batch_size) == (2, 16, 1)
+    assert cfg.describe_batch(1) == "total batch 16 = 1 process x 2 images x 8 steps"
+
+
+def test_a_preset_is_a_whole_recipe():
+    small = load_train_config("cpu-small")
+    t = small.data.transform
+    assert (t.eval_size, min(t.scales), max(t.scales), t.max_size) == (320, 192, 320, 533)
+    assert (small.optim.lr, small.optim.schedule, small.batch_size) == (4e-4, "cosine", 4)
+    assert small.total_batch_size is None and small.describe_batch(1).endswith("x 1 step")
+    assert TrainConfig.from_preset("cpu-small") == small
+    for name in ("r50-4scale", "r50-5scale", "swinl-4scale", "swinl-5scale"):
+        assert load_train_config(name).total_batch_size == 16, name
+
+
+def test_image_size_rescales_every_size_and_explicit_keys_still_win():
+    cfg = load_train_config("cpu-small", image_size=256)
+    t = cfg.data.transform
+    assert (t.eval_size, max(t.scales), t.max_size, t.crop_max) == (256, 256, 426, 192)
+    assert load_train_config("r50-4scale", image_size=400).data.transform == \
+        TransformConfig().scaled(400)
+    cfg = load_train_config("cpu-small", None, ["data.transform.eval_size=300"],
+                            image_size=256)
+    assert cfg.data.transform.eval_size == 300 and max(cfg.data.transform.scales) == 256
+    with pytest.raises(ValueError, match="image_size"):
+        load_train_config("cpu-small", image_size=8)
 
 
 def test_preset_picks_the_model():
@@ -242,12 +268,13 @@ def test_transform_round_trip(tmp_path):
     assert load_train_config(None, write(tmp_path, cfg.to_yaml())) == cfg
     path = write(tmp_path, "data:\n  transform:\n    eval_size: 640\n    crop_max: 700\n")
     t = load_train_config("cpu-small", path).data.transform
-    assert (t.eval_size, t.crop_max, t.crop_min) == (640, 700, TransformConfig().crop_min)
+    recipe = load_train_config("cpu-small").data.transform
+    assert (t.eval_size, t.crop_max, t.crop_min) == (640, 700, recipe.crop_min)
 
 
 @pytest.mark.parametrize(("item", "message"), [
     ("data.transform.crop_min=700", r"^data\.transform\.crop_max: smaller than crop_min=700, "
-                                    r"got 600$"),
+                                    r"got 240$"),
     ("data.transform.eval_size=0", r"^data\.transform\.eval_size: must be > 0, got 0$"),
     ("model.backbone.return_levels=[3, 1]", r"^model\.backbone\.return_levels: must be "
                                             r"increasing stage indices in 0\.\.3, got \(3, 1\)$"),

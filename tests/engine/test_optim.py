@@ -16,7 +16,6 @@ from dinodet.engine.optim import (
     build_optimizer,
     build_scheduler,
     clip_gradients,
-    optimizer_steps_per_epoch,
     param_groups,
 )
 
@@ -130,12 +129,6 @@ def test_resume_gives_identical_lrs(schedule):
     opt2.load_state_dict(saved["optimizer"])
     sched2.load_state_dict(saved["scheduler"])
     assert lrs_over(sched2, 17) == expected
-
-
-def test_steps_per_epoch_with_accumulation():
-    assert optimizer_steps_per_epoch(10, 1) == 10
-    assert optimizer_steps_per_epoch(10, 4) == 3
-    assert optimizer_steps_per_epoch(0, 4) == 1
 
 
 def test_clip_gradients():

@@ -10,7 +10,7 @@ from dinodet.data.collate import Batch
 from dinodet.data.synthetic import make_synthetic_coco
 from dinodet.engine.checkpoint import load_checkpoint
 from dinodet.engine.config import OptimConfig, load_train_config
-from dinodet.engine.step import TrainState, train_step
+from dinodet.engine.step import TrainState, train_step, window_num_boxes
 from dinodet.engine.train import train
 from dinodet.loss.criterion import build_criterion
 from dinodet.model.dino import DINO
@@ -108,8 +108,8 @@ def test_a_non_finite_loss_drops_the_window_and_takes_no_step():
     train_step(state, _batch(1), window=2, closes_window=False)
     criterion = state.criterion
 
-    def diverged(outputs, targets):
-        losses = criterion(outputs, targets)
+    def diverged(outputs, targets, num_boxes=None):
+        losses = criterion(outputs, targets, num_boxes)
         return {**losses, "loss": losses["loss"] * float("nan")}
 
     state.criterion = diverged  # type: ignore[assignment]
@@ -124,7 +124,7 @@ def test_state_dict_round_trip_is_the_checkpoint_layout():
     train_step(state, _batch(1))
     saved = state.state_dict()
     assert {"model", "model_config", "optimizer", "scheduler", "scaler", "ema", "epoch",
-            "step", "batches_done", "skipped_images", "bad_steps", "history"} <= set(saved)
+            "step", "samples_done", "skipped_images", "bad_steps", "history"} <= set(saved)
     other = _state(_model())
     other.load_state_dict(saved)
     assert other.progress.step == 1
@@ -133,20 +133,102 @@ def test_state_dict_round_trip_is_the_checkpoint_layout():
     assert other.scheduler.last_epoch == state.scheduler.last_epoch
 
 
-def test_an_epoch_whose_batches_do_not_fill_the_last_window_still_steps(tmp_path):
-    """3 batches an epoch with accumulate_steps=2: windows of 2 and 1, two steps an epoch
-    (the leftover batch's gradients no longer carry into the next epoch's first step)."""
-    data = make_synthetic_coco(tmp_path / "data", num_train=6, num_val=2, image_size=(64, 64),
-                               max_objects=2, seed=5)
+def _frozen_model() -> DINO:
+    """No randomness in training mode: frozen BatchNorm (batch statistics would depend on
+    the batch split), no denoising (random queries), dropout 0; float64."""
+    torch.manual_seed(0)
+    return DINO(DINOConfig(num_classes=3, backbone=BackboneConfig(name="resnet18"),
+                           hidden_dim=64, num_heads=4, enc_layers=1, dec_layers=2,
+                           dim_feedforward=64, num_queries=10, denoising="off",
+                           num_select=10)).double()
+
+
+def test_total_batch_16_as_2_images_x_8_steps_is_one_batch_of_16():
+    """The window's gradient is that of one batch of all its images: every batch's loss is
+    normalised by the GT count of the whole window (images with 1 to 4 boxes, so a
+    per-batch normaliser would weigh them differently)."""
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randn(3, 64, 64, generator=g, dtype=torch.float64) for _ in range(16)]
+    targets = []
+    for i in range(16):
+        n = 1 + i % 4
+        centre = 0.3 + 0.4 * torch.rand(n, 2, generator=g, dtype=torch.float64)
+        targets.append({"labels": torch.randint(0, 3, (n,), generator=g),
+                        "boxes": torch.cat([centre, torch.full((n, 2), 0.2,
+                                                               dtype=torch.float64)], 1)})
+    whole = Batch(ImageBatch.from_images(images), targets)
+    parts = [Batch(ImageBatch.from_images(images[i:i + 2]), targets[i:i + 2])
+             for i in range(0, 16, 2)]
+
+    one = _state(_frozen_model())
+    seen_one = _grads_at_step(one)
+    assert train_step(one, whole).stepped
+    accumulated = _state(_frozen_model())
+    seen_acc = _grads_at_step(accumulated)
+    num_boxes = window_num_boxes(parts, accumulated.device)
+    assert num_boxes == sum(len(t["labels"]) for t in targets) / 8
+    for i, part in enumerate(parts):
+        result = train_step(accumulated, part, window=8, closes_window=i == 7,
+                            num_boxes=num_boxes)
+        assert result.stepped == (i == 7)
+    assert len(seen_one) == len(seen_acc) == 1 and set(seen_one[0]) == set(seen_acc[0])
+    for name, grad in seen_one[0].items():
+        torch.testing.assert_close(seen_acc[0][name], grad, rtol=1e-9, atol=1e-12, msg=name)
+    # the per-batch normaliser gives another gradient: the test can tell them apart
+    naive = _state(_frozen_model())
+    seen_naive = _grads_at_step(naive)
+    for i, part in enumerate(parts):
+        train_step(naive, part, window=8, closes_window=i == 7)
+    weight = "class_head.weight"
+    assert not torch.allclose(seen_naive[0][weight], seen_one[0][weight], rtol=1e-6)
+
+
+def _run(tmp_path, data, name, *sets, **kw):
     cfg = load_train_config(
-        "cpu-small", None, [*TINY, "optim.accumulate_steps=2",
-                            "eval_every_epochs=0"],
-        epochs=2, batch_size=2, out_dir=str(tmp_path / "run"),
-        train_ann=str(data["train_ann"]), train_images=str(data["train_images"]))
-    summary = train(cfg, progress=False)
-    assert summary["steps"] == 4
+        "cpu-small", None, [*TINY, "eval_every_epochs=0", "log_every=1", *sets],
+        out_dir=str(tmp_path / name), train_ann=str(data["train_ann"]),
+        train_images=str(data["train_images"]), **kw)
+    return cfg
+
+
+def test_an_epoch_is_whole_total_batches_and_the_run_says_so(tmp_path, capsys):
+    """7 images, total batch 4 = 2 images x 2 batches: one step an epoch (the 3 images
+    left over are not a total batch), and the run prints how the total is made."""
+    data = make_synthetic_coco(tmp_path / "data", num_train=7, num_val=2, image_size=(64, 64),
+                               max_objects=2, seed=5)
+    summary = train(_run(tmp_path, data, "run", epochs=2, batch_size=2, total_batch_size=4),
+                    progress=False)
+    assert summary["steps"] == 2
+    assert "total batch 4 = 1 process x 2 images x 2 steps; 1 steps per epoch" in (
+        capsys.readouterr().out)
     ckpt = load_checkpoint(summary["latest_checkpoint"])
-    assert ckpt["scheduler"]["lr_lambdas"][0]["steps_per_epoch"] == 2
+    assert ckpt["scheduler"]["lr_lambdas"][0]["steps_per_epoch"] == 1
+    with pytest.raises(ValueError, match="total_batch_size: must be a multiple of "
+                                         "batch_size=4, got 6"):
+        _run(tmp_path, data, "bad", batch_size=4, total_batch_size=6)
+    paper = load_train_config("r50-4scale")
+    assert paper.describe_batch(8) == "total batch 16 = 8 processes x 2 images x 1 step"
+    with pytest.raises(ValueError, match=r"total_batch_size=16 is not a multiple of "
+                                         r"batch_size=2 x 3 process\(es\)"):
+        paper.accumulation(3)
+
+
+def test_resuming_with_another_split_of_the_total_batch_keeps_order_and_schedule(tmp_path):
+    """Total batch 4 as 1 image x 4 batches, stopped after 2 steps, resumed as 2 images x 2
+    batches: the run goes on at step 3 of the same epoch, with the samples it had not seen,
+    and the schedule of 3 steps an epoch."""
+    data = make_synthetic_coco(tmp_path / "data", num_train=12, num_val=2,
+                               image_size=(64, 64), max_objects=2, seed=6)
+    first = train(_run(tmp_path, data, "run", epochs=2, batch_size=1, total_batch_size=4),
+                  max_steps=2, progress=False)
+    assert first["steps"] == 2
+    ckpt = load_checkpoint(first["latest_checkpoint"])
+    assert ckpt["samples_done"] == 8 and ckpt["epoch"] == 0
+    resumed = train(_run(tmp_path, data, "run", epochs=2, batch_size=2, total_batch_size=4),
+                    resume="auto", progress=False)
+    assert resumed["steps"] == 6 and resumed["epochs"] == 2
+    last = load_checkpoint(resumed["latest_checkpoint"])
+    assert last["scheduler"]["lr_lambdas"][0]["steps_per_epoch"] == 3
 
 
 def test_a_window_of_unreadable_images_only_takes_no_step():

@@ -139,8 +139,8 @@ def test_nan_losses_skip_steps_then_stop_with_the_checkpoint_intact(tiny_data, t
 
     real = criterion_module.SetCriterion.forward
 
-    def poisoned(self, outputs, targets):
-        losses = real(self, outputs, targets)
+    def poisoned(self, outputs, targets, num_boxes=None):
+        losses = real(self, outputs, targets, num_boxes)
         losses["loss"] = losses["loss"] * float("nan")
         return losses
 
@@ -341,7 +341,7 @@ def test_amp_accumulation_ema_and_tensorboard(tiny_data, tmp_path, monkeypatch, 
     fake.SummaryWriter = _FakeWriter
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
     _FakeWriter.scalars = []
-    cfg = tiny_config(tiny_data, tmp_path, f"amp={amp}", "optim.accumulate_steps=2",
+    cfg = tiny_config(tiny_data, tmp_path, f"amp={amp}", "total_batch_size=4",
                       "ema=true", "tensorboard=true", epochs=2)
     summary = train(cfg, progress=False)
     # 2 batches per epoch, accumulated in pairs: one optimizer step per epoch.
@@ -361,7 +361,8 @@ def test_init_from_an_original_checkpoint_with_other_classes(tiny_data, tmp_path
     original = tmp_path / "checkpoint0011_4scale.pth"
     torch.save({"model": make_state_dict(load_manifest("dino_r50_4scale"))}, original)
     cfg = load_train_config("r50-4scale", None, _sizes(96),
-                            epochs=1, batch_size=2, out_dir=str(tmp_path / "run"),
+                            epochs=1, batch_size=2, total_batch_size=2,
+                            out_dir=str(tmp_path / "run"),
                             train_ann=str(tiny_data["train_ann"]),
                             train_images=str(tiny_data["train_images"]))
     with pytest.warns(UserWarning, match=r"re-initialising class_head\.bias"):

@@ -85,10 +85,11 @@ def seed_worker(worker_id: int) -> None:
 
 
 class EpochSampler(Sampler[int]):
-    """This rank's indices of one epoch: shuffled from (``seed``, epoch) or in order, split
-    over ``world`` ranks, starting ``skip`` samples in (a resumed run sees exactly the
-    samples it missed). Without ``drop_last`` the order is padded with its first indices
-    so every rank gets as many (evaluation drops the repeats)."""
+    """This rank's indices of one epoch: shuffled from (``seed``, epoch) or in order, the
+    first ``skip`` of that order left out (a resumed run sees exactly the samples it
+    missed, whatever the number of ranks before), then split over ``world`` ranks. Without
+    ``drop_last`` the order is padded with its first indices so every rank gets as many
+    (evaluation drops the repeats)."""
 
     def __init__(self, size: int, shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1,
                  drop_last: bool = False) -> None:
@@ -97,6 +98,7 @@ class EpochSampler(Sampler[int]):
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Draw ``epoch``'s order; ``skip``: samples of it (all ranks together) done."""
         self.epoch, self.skip = epoch, skip
 
     def _indices(self) -> list[int]:
@@ -105,35 +107,37 @@ class EpochSampler(Sampler[int]):
             order = torch.randperm(self.size, generator=g).tolist()
         else:
             order = list(range(self.size))
+        order = order[self.skip:]
         if self.drop_last:
             order = order[: len(order) - len(order) % self.world]
-        else:
+        elif order:
             order += order[: (-len(order)) % self.world]
         return order[self.rank::self.world]
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self._indices()[self.skip:])
+        return iter(self._indices())
 
     def __len__(self) -> int:
-        return max(0, len(self._indices()) - self.skip)
+        return len(self._indices())
 
 
 def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int = 0,
                  seed: int = 0, rank: int = 0, world_size: int = 1, epoch: int = 0,
-                 skip_batches: int = 0, drop_last: bool | None = None,
+                 skip_samples: int = 0, drop_last: bool | None = None,
                  collate: Callable[[Sequence[Any]], Any] = collate_fn) -> DataLoader:
     """The DataLoader of training, evaluation and prediction: batches of ``collate`` drawn
     by an :class:`EpochSampler`.
 
     ``train`` shuffles (from ``seed`` and ``epoch``) and drops the last partial batch
     (unless ``drop_last=False``). ``rank`` / ``world_size`` split the samples;
-    ``skip_batches`` resumes part-way. Workers are seeded from ``seed``, ``epoch`` and
-    ``rank``; with ``num_workers=0``, seed the main process yourself.
+    ``skip_samples`` (of the epoch's order, all ranks together) resumes part-way. Workers
+    are seeded from ``seed``, ``epoch`` and ``rank``; with ``num_workers=0``, seed the main
+    process yourself.
     """
     drop_last = train if drop_last is None else drop_last
     sampler = EpochSampler(len(dataset), train, seed, rank, world_size,  # type: ignore[arg-type]
                            drop_last=drop_last)
-    sampler.set_epoch(epoch, skip=skip_batches * batch_size)
+    sampler.set_epoch(epoch, skip=skip_samples)
     return DataLoader(
         dataset,
         batch_size=batch_size,

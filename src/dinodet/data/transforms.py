@@ -77,18 +77,17 @@ class TransformConfig:
                 f"smaller than crop_min={self.crop_min}")
         require(0.0 <= self.hflip_prob <= 1.0, "hflip_prob", self.hflip_prob, "must be in [0, 1]")
 
-    @classmethod
-    def for_eval_size(cls, eval_size: int) -> TransformConfig:
-        """The default recipe with every size scaled by ``eval_size / 800``
-        (``for_eval_size(320)``: scales 192..320, max_size 533, crop 154..240)."""
-        f = eval_size / 800
-        default = cls()
-        return cls(
-            scales=tuple(sorted({round(s * f) for s in default.scales})),
-            max_size=default_max_size(eval_size),
-            crop_resize_scales=tuple(round(s * f) for s in default.crop_resize_scales),
-            crop_min=round(default.crop_min * f),
-            crop_max=round(default.crop_max * f),
+    def scaled(self, eval_size: int) -> TransformConfig:
+        """This recipe with every size scaled by ``eval_size / self.eval_size`` (the paper's
+        ``TransformConfig().scaled(320)``: scales 192..320, max_size 533, crop 154..240)."""
+        f = eval_size / self.eval_size
+        return dataclasses.replace(
+            self,
+            scales=tuple(sorted({round(s * f) for s in self.scales})),
+            max_size=round(self.max_size * f),
+            crop_resize_scales=tuple(sorted({round(s * f) for s in self.crop_resize_scales})),
+            crop_min=round(self.crop_min * f),
+            crop_max=round(self.crop_max * f),
             eval_size=eval_size,
         )
 

@@ -26,7 +26,8 @@ from dinodet.config import PRESETS, DINOConfig, get_preset
 from dinodet.data.transforms import TransformConfig
 from dinodet.settings import coerce_fields, parse_set, require
 
-__all__ = ["DataConfig", "OptimConfig", "TrainConfig", "load_train_config", "parse_set"]
+__all__ = ["RECIPES", "DataConfig", "OptimConfig", "TrainConfig", "load_train_config",
+           "parse_set", "recipe_tree"]
 
 AmpMode = Literal["off", "bf16", "fp16"]
 Schedule = Literal["step", "multistep", "cosine"]
@@ -63,8 +64,8 @@ class OptimConfig:
     ``schedule``: ``"step"`` multiplies by ``gamma`` from the first of ``lr_drop_epochs`` on
     (epoch 11 from 0, i.e. after 11 of the paper's 12 epochs), ``"multistep"`` at every entry,
     ``"cosine"`` anneals to ``min_lr_ratio`` x the base rate; after ``warmup_steps`` optimiser
-    steps of linear warm-up. ``clip_max_norm`` <= 0 turns clipping off; ``accumulate_steps``
-    batches make one optimiser step.
+    steps of linear warm-up. ``clip_max_norm`` <= 0 turns clipping off. (Gradient
+    accumulation follows from ``TrainConfig.total_batch_size``.)
     """
 
     lr: float = 1e-4
@@ -77,7 +78,6 @@ class OptimConfig:
     gamma: float = 0.1
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
-    accumulate_steps: int = 1
 
     def __post_init__(self) -> None:
         coerce_fields(self)
@@ -94,8 +94,6 @@ class OptimConfig:
         require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", self.min_lr_ratio,
                 "must be in [0, 1]")
         require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
-        require(self.accumulate_steps >= 1, "accumulate_steps", self.accumulate_steps,
-                "must be >= 1")
         drops = self.lr_drop_epochs
         require(all(d >= 0 for d in drops) and list(drops) == sorted(set(drops)),
                 "lr_drop_epochs", drops, "must be increasing epoch numbers >= 0")
@@ -105,8 +103,15 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    """One training run. ``model=None`` means the named ``preset``'s network.
+    """One training run. ``model=None`` means the named ``preset``'s network; the preset's
+    whole recipe (sizes, optimiser, epochs, batch) comes with :meth:`from_preset` and
+    :func:`load_train_config`, while the field defaults here are the paper's recipe.
 
+    ``batch_size`` is per process; ``total_batch_size`` the images of one optimiser step
+    (None: ``batch_size`` x processes): gradients accumulate over ``total_batch_size /
+    (batch_size x processes)`` batches, and the losses are normalised by the GT boxes of
+    the whole accumulated batch, so the step is that of one batch of ``total_batch_size``.
+    ``eval_batch_size`` 1 (the paper's) keeps padding out of the encoder's top-k.
     ``amp``: ``"bf16"`` / ``"fp16"`` autocast (fp16 with a gradient scaler).
     ``checkpoint_every_steps`` 0 saves only at the end of each epoch; ``keep_last``
     checkpoints are kept, plus the best by validation metric. ``eval_every_epochs`` 0 never
@@ -121,6 +126,8 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     epochs: int = 12
     batch_size: int = 2
+    total_batch_size: int | None = None
+    eval_batch_size: int = 1
     amp: AmpMode = "off"
     ema: bool = False
     ema_decay: float = 0.9997
@@ -141,7 +148,8 @@ class TrainConfig:
                 f"choose one of {', '.join(PRESETS)}")
         if self.model is None:
             self.model = get_preset(self.preset)
-        for key in ("epochs", "batch_size", "keep_last", "log_every", "max_bad_steps"):
+        for key in ("epochs", "batch_size", "eval_batch_size", "keep_last", "log_every",
+                    "max_bad_steps"):
             require(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
         for key in ("checkpoint_every_steps", "eval_every_epochs"):
             require(getattr(self, key) >= 0, key, getattr(self, key), "must be >= 0")
@@ -149,6 +157,35 @@ class TrainConfig:
         require(_DEVICE.fullmatch(self.device) is not None, "device", self.device,
                 "use auto, cpu, cuda, cuda:N or mps")
         require(bool(self.out_dir), "out_dir", self.out_dir, "must not be empty")
+        total = self.total_batch_size
+        require(total is None or total % self.batch_size == 0, "total_batch_size", total,
+                f"must be a multiple of batch_size={self.batch_size}")
+
+    @classmethod
+    def from_preset(cls, name: str, image_size: int | None = None) -> TrainConfig:
+        """The preset's whole recipe (:data:`RECIPES`); ``image_size`` rescales every image
+        size of it (augmentation scales, crop, evaluation and longer-side caps) in
+        proportion to a new evaluation size."""
+        return cls.from_dict(recipe_tree(name, image_size))
+
+    def accumulation(self, world_size: int) -> int:
+        """Batches per optimiser step on ``world_size`` processes; a ``ValueError`` names
+        the settings when the total batch does not divide into them."""
+        total = self.total_batch_size or self.batch_size * world_size
+        per_round = self.batch_size * world_size
+        if total % per_round:
+            raise ValueError(
+                f"total_batch_size={total} is not a multiple of batch_size={self.batch_size} "
+                f"x {world_size} process(es); change one of them")
+        return total // per_round
+
+    def describe_batch(self, world_size: int) -> str:
+        """``"total batch 16 = 1 process x 2 images x 8 steps"``."""
+        steps = self.accumulation(world_size)
+        total = steps * self.batch_size * world_size
+        return (f"total batch {total} = {world_size} process{'es' if world_size > 1 else ''} "
+                f"x {self.batch_size} image{'s' if self.batch_size > 1 else ''} "
+                f"x {steps} step{'s' if steps > 1 else ''}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serialisable data (tuples become lists)."""
@@ -164,16 +201,52 @@ class TrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+# The paper's 12-epoch recipe: the field defaults above (AdamW 1e-4 / 1e-5, lr x0.1 after
+# epoch 11, clip 0.1, 480-800 px multi-scale, 800 px evaluation) with batch 16 = 8 x 2.
+_PAPER: dict[str, Any] = {"epochs": 12, "batch_size": 2, "total_batch_size": 16}
+
+# Small data on a 2-core CPU: about 320 px, ResNet-18 from scratch (so backbone and head
+# share one larger learning rate), cosine decay after a short warm-up, batch 4.
+_CPU_SMALL: dict[str, Any] = {
+    "epochs": 12, "batch_size": 4, "total_batch_size": None,
+    "optim": {"lr": 4e-4, "lr_backbone": 4e-4, "schedule": "cosine", "warmup_steps": 20},
+    "data": {"num_workers": 1, "transform": settings.to_dict(TransformConfig().scaled(320))},
+}
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "r50-4scale": _PAPER, "r50-5scale": _PAPER, "swinl-4scale": _PAPER,
+    "swinl-5scale": _PAPER, "cpu-small": _CPU_SMALL,
+}
+"""Per preset, the training settings that differ from :class:`TrainConfig`'s defaults; the
+network itself is the preset's :class:`~dinodet.config.DINOConfig`."""
+
+
+def recipe_tree(preset: str, image_size: int | None = None) -> dict[str, Any]:
+    """The whole recipe of ``preset`` as a config tree; ``image_size`` rescales its image
+    sizes (:meth:`~dinodet.data.transforms.TransformConfig.scaled`) to that evaluation size."""
+    require(preset in PRESETS, "preset", preset, f"choose one of {', '.join(PRESETS)}")
+    tree = TrainConfig(preset=preset).to_dict()
+    settings.merge(tree, TrainConfig, RECIPES.get(preset, {}))
+    if image_size is not None:
+        require(image_size >= 32, "image_size", image_size, "must be >= 32 pixels")
+        transform = settings.from_dict(TransformConfig, tree["data"]["transform"])
+        tree["data"]["transform"] = settings.to_dict(transform.scaled(image_size))
+    return tree
+
+
 def load_train_config(
     preset: str | None = None,
     yaml_file: str | Path | None = None,
     sets: Iterable[str] = (),
+    image_size: int | None = None,
     **cli_overrides: Any,
 ) -> TrainConfig:
     """Build a :class:`TrainConfig` from a preset, a YAML file, ``--set`` strings and CLI keywords.
 
     ``preset=None`` leaves the choice to ``--set preset=...``, the YAML ``preset:`` key, or
-    ``"r50-4scale"``, in that order; ``model`` keys change that preset's :class:`DINOConfig`.
+    ``"r50-4scale"``, in that order. Every layer changes that preset's recipe
+    (:func:`recipe_tree`, rescaled to ``image_size`` first when given); ``model`` keys change
+    its :class:`DINOConfig`.
     ``cli_overrides`` name a top-level field (``epochs=3``) or a field of ``data`` / ``optim``
     / ``model`` / ``data.transform`` by its bare name (``lr=2e-4``); ``None`` values are
     ignored, so unset argparse options fall through. Raises ``ValueError`` naming the key
@@ -203,7 +276,7 @@ def load_train_config(
             for part in reversed(key.split(".")):
                 value = {part: value}
             layer(f"--{name.replace('_', '-')}: ", value)
-    tree = TrainConfig(preset=changes.pop("preset", TrainConfig.preset)).to_dict()
+    tree = recipe_tree(changes.pop("preset", TrainConfig.preset), image_size)
     settings.merge(tree, TrainConfig, changes)
     return TrainConfig.from_dict(tree)
 

@@ -289,7 +289,7 @@ def evaluate(model: nn.Module, loader: Iterable[Any], device: torch.device | str
 
 def evaluate_checkpoint(checkpoint: str | Path, ann: str | Path, images: str | Path,
                         out: str | Path | None = None, variant: str | None = None,
-                        batch_size: int = 2, eval_size: int | None = None,
+                        batch_size: int = 1, eval_size: int | None = None,
                         max_size: int | None = None, keep_category_ids: bool = False,
                         num_workers: int = 2, device: str = "auto",
                         weights: str = "ema") -> EvalResult:

@@ -22,7 +22,7 @@ from dinodet.engine.config import OptimConfig
 from dinodet.engine.distributed import unwrap_model
 
 __all__ = ["LRFactor", "build_optimizer", "build_scheduler", "clip_gradients",
-           "optimizer_steps_per_epoch", "param_groups"]
+           "param_groups"]
 
 BACKBONE_PREFIX = "backbone."
 
@@ -58,12 +58,6 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     fused = all(p.is_cuda for p in params)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]),
                              weight_decay=cfg.weight_decay, fused=fused or None)
-
-
-def optimizer_steps_per_epoch(batches_per_epoch: int, accumulate_steps: int = 1) -> int:
-    """Optimiser steps in an epoch of ``batches_per_epoch`` batches (a last partial
-    accumulation still steps)."""
-    return max(1, math.ceil(batches_per_epoch / max(1, accumulate_steps)))
 
 
 class LRFactor:
@@ -118,8 +112,8 @@ class LRFactor:
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int,
                     epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
     """The per-optimiser-step schedule of ``cfg`` (call ``scheduler.step()`` after each
-    ``optimizer.step()``); ``steps_per_epoch`` counts optimiser steps, i.e. batches divided by
-    ``accumulate_steps`` (:func:`optimizer_steps_per_epoch`).
+    ``optimizer.step()``); ``steps_per_epoch`` counts optimiser steps, i.e. total batches
+    (``TrainConfig.total_batch_size``) of an epoch.
 
     To resume, build it the same way, then ``load_state_dict`` the optimiser and scheduler:
     this also restores the saved :class:`LRFactor` (schedule, steps, milestones), so a resumed

@@ -23,7 +23,7 @@ from dinodet.engine.optim import build_optimizer, build_scheduler, clip_gradient
 from dinodet.loss.criterion import build_criterion
 from dinodet.model.dino import DINO
 
-__all__ = ["Progress", "StepResult", "TrainState", "train_step"]
+__all__ = ["Progress", "StepResult", "TrainState", "train_step", "window_num_boxes"]
 
 
 @dataclass
@@ -32,7 +32,10 @@ class Progress:
 
     epoch: int = 0  # the epoch in progress (0-based)
     step: int = 0  # optimiser steps so far
-    batches_done: int = 0  # batches of the current epoch already trained on
+    # Images of the current epoch's order already trained on, by all processes together:
+    # a whole number of total batches, so a run resumed on another number of processes
+    # (same total batch) goes on where it was.
+    samples_done: int = 0
     skipped_images: list[str] = field(default_factory=list)
     bad_steps: int = 0  # batches with a non-finite loss, in all
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -83,7 +86,7 @@ class TrainState:
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
-            "epoch": p.epoch, "step": p.step, "batches_done": p.batches_done,
+            "epoch": p.epoch, "step": p.step, "samples_done": p.samples_done,
             "skipped_images": list(p.skipped_images), "bad_steps": p.bad_steps,
             "history": list(p.history),
         }
@@ -96,7 +99,7 @@ class TrainState:
         self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None and ckpt.get("ema") is not None:
             self.ema.load_state_dict(ckpt["ema"])
-        self.progress = Progress(ckpt["epoch"], ckpt["step"], ckpt["batches_done"],
+        self.progress = Progress(ckpt["epoch"], ckpt["step"], ckpt["samples_done"],
                                  list(ckpt.get("skipped_images", [])),
                                  ckpt.get("bad_steps", 0), list(ckpt.get("history", [])))
 
@@ -124,10 +127,13 @@ def _to_float(outputs: Any) -> Any:
 
 
 def train_step(state: TrainState, batch: Batch, window: int = 1,
-               closes_window: bool = True) -> StepResult:
+               closes_window: bool = True, num_boxes: float | Tensor | None = None
+               ) -> StepResult:
     """Forward (autocast), losses (float32) and backward of one batch, the loss divided
-    by ``window``, the batch count of its gradient-accumulation window (the window's
-    gradient is their mean). When ``closes_window``: unscale, clip, step, zero the
+    by ``window``, the batch count of its gradient-accumulation window. With
+    ``num_boxes``, the window's GT count per batch and process (:func:`window_num_boxes`),
+    the window's gradient is that of one batch of all its images; without, each batch is
+    normalised by its own count. When ``closes_window``: unscale, clip, step, zero the
     gradients, step the schedule and the EMA (DDP all-reduces on that batch only).
 
     A non-finite loss on any rank drops the window's gradients and takes no step.
@@ -144,7 +150,7 @@ def train_step(state: TrainState, batch: Batch, window: int = 1,
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                                 enabled=amp_dtype is not None):
                 outputs = net(batch.images, batch.targets)
-            terms = state.criterion(_to_float(outputs), batch.targets)
+            terms = state.criterion(_to_float(outputs), batch.targets, num_boxes)
             loss = terms["loss"]
             finite = torch.isfinite(loss.detach()).float()
             if dist.world_size() > 1:  # every rank skips if any rank saw a NaN
@@ -170,3 +176,17 @@ def train_step(state: TrainState, batch: Batch, window: int = 1,
     if state.ema is not None:
         state.ema.update(state.model)
     return StepResult(losses, True, True)
+
+
+def window_num_boxes(batches: list[Batch], device: torch.device) -> float | Tensor:
+    """The loss normaliser of one accumulation window: its GT boxes on all processes,
+    divided by its batches and the processes (at least 1). Each batch's loss divided by it
+    and by the window, then averaged over processes by DDP, sums to the window's loss per
+    GT box: the loss of one batch of the window's images."""
+    local = float(sum(len(t["labels"]) for b in batches for t in b.targets))
+    per_batch = max(len(batches), 1)
+    if dist.world_size() > 1:
+        count = torch.full((1,), local, device=device)
+        torch.distributed.all_reduce(count)
+        return (count[0] / (per_batch * dist.world_size())).clamp(min=1.0)
+    return max(local / per_batch, 1.0)

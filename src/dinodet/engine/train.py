@@ -9,6 +9,7 @@ leaves the last good checkpoint whole.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import signal
@@ -32,8 +33,7 @@ from dinodet.engine.checkpoint import (
 )
 from dinodet.engine.config import TrainConfig
 from dinodet.engine.evaluate import EvalResult, evaluate
-from dinodet.engine.optim import optimizer_steps_per_epoch
-from dinodet.engine.step import TrainState, train_step
+from dinodet.engine.step import TrainState, train_step, window_num_boxes
 from dinodet.model.dino import DINO
 from dinodet.weights import WeightsChoice, load_initial_weights
 
@@ -65,19 +65,38 @@ class _StopSignal:
 
 
 def build_training_model(cfg: TrainConfig, num_classes: int, init: str | None = None,
-                         init_weights: WeightsChoice = "ema") -> DINO:
-    """The network for ``cfg`` with ``num_classes``; ``init`` loads weights to start from
-    (of a run checkpoint, its EMA weights unless ``init_weights="raw"``).
+                         init_weights: WeightsChoice = "ema",
+                         backbone_weights: bool = True) -> DINO:
+    """The network for ``cfg`` with ``num_classes``, with the weights it starts from.
 
-    With no pretrained weights at all the backbone's normalisation layers train (frozen
-    random statistics would be meaningless); with pretrained weights they stay frozen.
+    ``init`` loads weights to start from (of a run checkpoint, its EMA weights unless
+    ``init_weights="raw"``); they replace every backbone tensor, so the backbone's
+    pretrained weights (``model.backbone.weights``) are then not read. Else those are
+    loaded (downloaded into torch.hub's / huggingface_hub's cache when not there; rank 0
+    first under DDP), unless ``backbone_weights=False`` (resuming: the checkpoint replaces
+    them; what trains is decided as when the run started).
+
+    What trains follows the original under pretrained weights (ImageNet or ``init``):
+    frozen BatchNorm, ResNet's conv1/bn1/layer1 without gradient, all of Swin training.
+    From scratch (no backbone weights and no ``init``) BatchNorm trains and nothing is
+    frozen: frozen random statistics would be meaningless.
     """
+    from dinodet.model.pretrained import load_pretrained_backbone
+
     assert cfg.model is not None
     model_cfg = cfg.model.replace(num_classes=num_classes)
     if model_cfg.backbone.weights is None and init is None:
         model_cfg = model_cfg.replace(backbone={"frozen_batchnorm": False,
                                                 "freeze_stem": False})
     model = DINO(model_cfg)
+    if init is None and backbone_weights and model_cfg.backbone.weights is not None:
+        if not dist.is_main():
+            dist.barrier()  # rank 0 downloads, the others then read its cached file
+        source = load_pretrained_backbone(model, model_cfg.backbone)
+        if dist.is_main():
+            dist.barrier()
+            if source is not None:
+                print(f"backbone weights: {source.describe()}")
     if init is not None:
         found = load_initial_weights(model, init, init_weights)
         if dist.is_main():
@@ -153,18 +172,22 @@ def _train(cfg: TrainConfig, resume: str | None, init: str | None, max_steps: in
             raise ValueError(f"the categories of {d.val_ann} differ from those of "
                              f"{d.train_ann}; both splits must share one category table")
 
-    batches_per_epoch = len(train_set) // (cfg.batch_size * info.world_size)
-    if batches_per_epoch == 0:
-        raise ValueError(f"{len(train_set)} training images are fewer than one batch of "
-                         f"{cfg.batch_size} x {info.world_size} process(es)")
-    model = build_training_model(cfg, train_set.num_classes, init, init_weights)
-    state = TrainState.create(
-        model.to(info.device), cfg.optim,
-        optimizer_steps_per_epoch(batches_per_epoch, cfg.optim.accumulate_steps), cfg.epochs,
-        amp=cfg.amp, ema_decay=cfg.ema_decay if cfg.ema else None)
+    accumulate = cfg.accumulation(info.world_size)
+    total_batch = accumulate * cfg.batch_size * info.world_size
+    steps_per_epoch = len(train_set) // total_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_set)} training images are fewer than one "
+                         f"{cfg.describe_batch(info.world_size)}; lower total_batch_size "
+                         "or batch_size")
+    if info.is_main:
+        print(f"{cfg.describe_batch(info.world_size)}; {steps_per_epoch} steps per epoch")
     manager = CheckpointManager(out_dir, keep_last=cfg.keep_last)
-
     ckpt_path = manager.resolve_resume(resume)
+    model = build_training_model(cfg, train_set.num_classes, init, init_weights,
+                                 backbone_weights=ckpt_path is None)
+    state = TrainState.create(
+        model.to(info.device), cfg.optim, steps_per_epoch, cfg.epochs,
+        amp=cfg.amp, ema_decay=cfg.ema_decay if cfg.ema else None)
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path)
         state.load_state_dict(ckpt)
@@ -195,9 +218,9 @@ def _train(cfg: TrainConfig, resume: str | None, init: str | None, max_steps: in
         while run.epoch < cfg.epochs and stopped_by is None:
             loader = build_loader(train_set, cfg.batch_size, True, d.num_workers, cfg.seed,
                                   info.rank, info.world_size, epoch=run.epoch,
-                                  skip_batches=run.batches_done)
-            stopped_by = _train_one_epoch(cfg, state, loader, batches_per_epoch, stop, checkpoint,
-                                          log, info, max_steps, progress)
+                                  skip_samples=run.samples_done)
+            stopped_by = _train_one_epoch(cfg, state, loader, steps_per_epoch, accumulate,
+                                          stop, checkpoint, log, info, max_steps, progress)
             if stopped_by is not None:
                 break
             metric = None
@@ -217,7 +240,7 @@ def _train(cfg: TrainConfig, resume: str | None, init: str | None, max_steps: in
                 if last_eval is not None and metric is not None:
                     print(last_eval.format_table())
             run.epoch += 1
-            run.batches_done = 0
+            run.samples_done = 0
             checkpoint(metric)
         if stopped_by is not None:  # a signal or max_steps: keep where we are
             checkpoint()
@@ -237,33 +260,40 @@ def _train(cfg: TrainConfig, resume: str | None, init: str | None, max_steps: in
     return summary
 
 
-def _train_one_epoch(cfg: TrainConfig, state: TrainState, loader: Any, batches_per_epoch: int,
-                     stop: _StopSignal, checkpoint: Any, log: RunLog, info: dist.DistInfo,
-                     max_steps: int | None, progress: bool) -> str | None:
-    """Train until the epoch ends; returns why it stopped early, or None. Accumulation
-    windows of ``optim.accumulate_steps`` batches count from the epoch's start; a shorter
-    last window still steps, so no gradient carries into the next epoch."""
+def _train_one_epoch(cfg: TrainConfig, state: TrainState, loader: Any, steps_per_epoch: int,
+                     accumulate: int, stop: _StopSignal, checkpoint: Any, log: RunLog,
+                     info: dist.DistInfo, max_steps: int | None, progress: bool) -> str | None:
+    """Train until the epoch's ``steps_per_epoch`` optimiser steps are done; returns why it
+    stopped early, or None. Each step is one window of ``accumulate`` batches (all drawn
+    before the first backward, to normalise by the whole window's GT count); a window with
+    a non-finite loss is dropped whole."""
     run = state.progress
-    accumulate = cfg.optim.accumulate_steps
+    window_images = accumulate * cfg.batch_size * info.world_size
     bad_in_a_row = 0
     bar = None
     if progress and info.is_main:
         from tqdm import tqdm
 
-        bar = tqdm(total=batches_per_epoch, initial=run.batches_done,
-                   desc=f"epoch {run.epoch + 1}/{cfg.epochs}", dynamic_ncols=True)
+        bar = tqdm(total=steps_per_epoch, initial=run.samples_done // window_images,
+                   desc=f"epoch {run.epoch + 1}/{cfg.epochs}", unit="step", dynamic_ncols=True)
     tick, images_seen = time.perf_counter(), 0
     losses: dict[str, torch.Tensor] = {}
+    batches = iter(loader)
     try:
-        for batch in loader:
-            run.skipped_images.extend(batch.skipped)
-            first = run.batches_done - run.batches_done % accumulate  # the window's start
-            window = min(accumulate, batches_per_epoch - first)
-            run.batches_done += 1
+        while run.samples_done < steps_per_epoch * window_images:
+            window = list(itertools.islice(batches, accumulate))
+            if len(window) < accumulate:  # cannot happen with drop_last; kept safe
+                break
+            run.samples_done += window_images
+            num_boxes = window_num_boxes(window, state.device)
+            for i, batch in enumerate(window):
+                run.skipped_images.extend(batch.skipped)
+                result = train_step(state, batch, accumulate, i == accumulate - 1, num_boxes)
+                images_seen += len(batch)
+                if not result.finite:
+                    break
             if bar is not None:
                 bar.update(1)
-            result = train_step(state, batch, window, run.batches_done == first + window)
-            images_seen += len(batch)
             if not result.finite:
                 bad_in_a_row += 1
                 warnings.warn(f"non-finite loss at epoch {run.epoch + 1} step {run.step}: "
@@ -315,7 +345,7 @@ def _any_rank(flag: bool, info: dist.DistInfo, device: torch.device) -> bool:
 
 def _evaluate(cfg: TrainConfig, model: DINO, val_set: CocoDetection,
               info: dist.DistInfo) -> EvalResult:
-    loader = build_loader(val_set, cfg.batch_size, False, cfg.data.num_workers,
+    loader = build_loader(val_set, cfg.eval_batch_size, False, cfg.data.num_workers,
                           rank=info.rank, world_size=info.world_size)
     result, _ = evaluate(model, loader, info.device, val_set.label_to_category_id, val_set.coco,
                          num_select=model.cfg.num_select, amp=cfg.amp,

@@ -79,7 +79,8 @@ class SetCriterion(nn.Module):
         self.focal_gamma = focal_gamma
 
     def forward(
-        self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Tensor]]
+        self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Tensor]],
+        num_boxes: float | Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Compute every loss term and their weighted total.
 
@@ -95,6 +96,9 @@ class SetCriterion(nn.Module):
                 handling since positives sit at the same slots either way).
             targets: ``B`` dicts with ``labels`` ``[n_i]`` int64 in ``[0, C)`` and
                 ``boxes`` ``[n_i, 4]`` normalised ``cxcywh``.
+            num_boxes: the normaliser of the box terms; None: this batch's GT count,
+                averaged over processes (at least 1). Gradient accumulation passes the
+                mean per batch and process of its whole window.
 
         Returns:
             Scalar tensors keyed by term name, plus ``loss``: Σ weight × term; in
@@ -108,10 +112,11 @@ class SetCriterion(nn.Module):
         averaged by an all-reduce that stays on the device too).
         """
         with autocast_off(outputs["pred_logits"].device):
-            return self._forward(outputs, targets)
+            return self._forward(outputs, targets, num_boxes)
 
     def _forward(
-        self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Tensor]]
+        self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Tensor]],
+        num_boxes: float | Tensor | None,
     ) -> dict[str, Tensor]:
         logits = outputs["pred_logits"]
         device = logits.device
@@ -122,7 +127,8 @@ class SetCriterion(nn.Module):
         tgt_labels = to_device(torch.cat([t["labels"] for t in targets]), device)
         tgt_labels = tgt_labels.to(torch.int64)
         tgt_boxes = to_device(torch.cat([t["boxes"] for t in targets]), device).to(dtype)
-        num_boxes = _average_num_boxes(sum(sizes), device, dtype)
+        if num_boxes is None:
+            num_boxes = _average_num_boxes(sum(sizes), device, dtype)
 
         # Every matched set is solved in one call, i.e. one device -> host copy.
         matched: list[tuple[str, Mapping[str, Tensor]]] = [("", outputs)]
