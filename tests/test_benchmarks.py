@@ -146,3 +146,86 @@ def test_original_attention_switches_backend_and_restores() -> None:
     with pytest.raises(RuntimeError), common.original_attention(model):
         raise RuntimeError("restored even on an error")
     assert model.attention_backend == "torch"
+
+
+# Tiny budgets for the training benchmarks: 4 images of 64 px, batch 2 (two steps), sizes
+# of the recipe shrunk to 64 px, data loading in the main process.
+TINY = ["--num-train", "4", "--num-val", "2", "--image-size", "64", "--epochs", "1",
+        "--threads", "1", "--set", "batch_size=2", "--set", "data.num_workers=0",
+        "--set", "data.transform={scales: [64], crop_resize_scales: [64], crop_min: 48, "
+                 "crop_max: 64, eval_size: 64, max_size: 64}"]
+
+
+def test_training_benchmarks_help() -> None:
+    scripts = ["ablation.py", "bench_small_data.py"]
+    proc = _run("-c", HELP_DRIVER, str(BENCHMARKS), *scripts, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    runs = json.loads(proc.stdout.strip().splitlines()[-1])
+    for script in scripts:
+        assert runs[script]["code"] == 0, runs[script]["stderr"]
+        assert runs[script]["stdout"].startswith("usage:")
+        for option in ("--epochs", "--num-train", "--num-val", "--image-size", "--threads",
+                       "--json", "--set", "--seeds", "--data"):
+            assert option in runs[script]["stdout"], (script, option)
+    assert "--variants" in runs["ablation.py"]["stdout"]
+    assert "--detector" in runs["bench_small_data.py"]["stdout"]
+    assert "--batch-size" in runs["bench_small_data.py"]["stdout"]
+
+
+def test_ablation_end_to_end_and_resumes(tmp_path: Path) -> None:
+    """Two variants, one seed, each trained by train() and evaluated; a rerun skips both."""
+    out = tmp_path / "ablation"
+    args = ["benchmarks/ablation.py", *TINY, "--seeds", "0", "--variants", "full",
+            "no_denoising", "--out", str(out)]
+    proc = _run(*args, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 runs: 0 already in" in proc.stdout
+    assert "ΔAP vs full" in proc.stdout and f"wrote {out / 'ablation.json'}" in proc.stdout
+    lines = (out / "runs.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [(r["variant"], r["seed"]) for r in records] == [("full", 0), ("no_denoising", 0)]
+    assert records[1]["sets"] == ["model.denoising=off"]
+    assert all(r["epochs"] == 1 and r["steps"] == 2 for r in records)
+    assert records[0]["key"] != records[1]["key"]
+    assert not list(out.glob("runs/*/*.pt"))  # finished runs drop their checkpoints
+    config = (Path(records[1]["run_dir"]) / "config.yaml").read_text()
+    assert "denoising: 'off'" in config or "denoising: off" in config
+    payload = json.loads((out / "ablation.json").read_text())
+    assert payload["benchmark"] == "ablation" and payload["meta"]["torch_threads"] == 1
+    assert payload["settings"]["variants"] == ["full", "no_denoising"]
+    variants = payload["results"]["variants"]
+    assert set(variants) == {"full", "no_denoising"}
+    for entry in variants.values():
+        assert entry["seeds"] == [0] and entry["AP"]["n"] == 1
+        assert 0.0 <= entry["AP"]["mean"] <= 1.0 and 0.0 <= entry["AP50"]["mean"] <= 1.0
+    delta = variants["no_denoising"]["delta_AP"]
+    assert delta["n"] == 1 and delta["mean"] == pytest.approx(
+        records[1]["metrics"]["AP"] - records[0]["metrics"]["AP"])
+
+    again = _run(*args, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "2 runs: 2 already in" in again.stdout and "===" not in again.stdout
+    assert (out / "runs.jsonl").read_text().splitlines() == lines
+
+
+def test_bench_small_data_end_to_end(tmp_path: Path) -> None:
+    """dinodet and both torchvision baselines train with the same tiny budget and are
+    scored by the same COCO evaluation."""
+    out = tmp_path / "small.json"
+    proc = _run("benchmarks/bench_small_data.py", *TINY, "--detector", "both",
+                "--out", str(tmp_path / "runs"), "--json", str(out), timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"wrote {out}" in proc.stdout and "s/epoch" in proc.stdout
+    payload = json.loads(out.read_text())
+    assert payload["benchmark"] == "bench_small_data"
+    settings = payload["settings"]
+    assert settings["epochs"] == 1 and settings["batch_size"] == 2
+    assert settings["eval_size"] == 64 and settings["train_scales"] == [64]
+    results = payload["results"]
+    assert list(results) == ["dinodet", "fcos", "retinanet"]
+    for name, entry in results.items():
+        assert entry["params"] > 1_000_000, name
+        assert 0.0 <= entry["AP"]["mean"] <= 1.0 and 0.0 <= entry["AP50"]["mean"] <= 1.0
+        assert entry["epoch_seconds"]["n"] == 1 and entry["epoch_seconds"]["median"] > 0
+        assert set(entry["runs"][0]["metrics"]) >= {"AP", "AP50", "APs", "AR100"}
+    assert results["fcos"]["runs"][0]["optimizer"] == "adamw"
