@@ -130,3 +130,20 @@ def test_detect_only_demo_runs_a_model_directory(tmp_path, capsys):
     assert "resized to 64x106" in out
     rows = [line for line in out.splitlines() if line.strip().endswith(")")]
     assert len(rows) == 3
+
+
+def test_evaluation_defaults_to_one_image_per_pass_as_the_paper():
+    """Padded positions compete in the encoder's top-k, so batch > 1 changes detections:
+    eval, its Python twin and training's evaluation all default to batch 1."""
+    import inspect
+
+    from dinodet.engine.evaluate import evaluate_checkpoint
+
+    args = build_parser().parse_args(["eval", "--checkpoint", "c.pt", "--ann", "a.json",
+                                      "--images", "img"])
+    assert args.batch_size == 1
+    assert inspect.signature(evaluate_checkpoint).parameters["batch_size"].default == 1
+    assert TrainConfig().eval_batch_size == 1
+    train = build_parser().parse_args(["train", "--image-size", "256", "--total-batch-size",
+                                       "8"])
+    assert (train.image_size, train.total_batch_size) == (256, 8)
