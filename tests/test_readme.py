@@ -60,6 +60,10 @@ PLAN: dict[str, tuple[str, object]] = {
     "dinodet export runs/mine/best.pt": (RUN, {}),
     "import onnxruntime as ort": (RUN, {}),
     "python benchmarks/bench_inference.py": (SKIP, "benchmarks time full-size models"),
+    "python benchmarks/bench_small_data.py": (SKIP, "trains for an hour; smoke-tested in "
+                                                    "tests/test_benchmarks.py"),
+    "python benchmarks/ablation.py": (SKIP, "trains for hours; smoke-tested in "
+                                            "tests/test_benchmarks.py"),
     "from dinodet.model import ms_deform_attn": (RUN, {}),
     "python benchmarks/bench_ms_deform_attn_gpu.py": (SKIP, "needs a CUDA device"),
 }
