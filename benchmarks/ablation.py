@@ -253,14 +253,8 @@ def append_record(path: Path, record: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
-                        choices=list(VARIANTS), help="default: all")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="epochs of every run (default: the recipe's)")
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The dataset options of this script and bench_small_data.py (see :func:`hard_data`)."""
     parser.add_argument("--num-train", type=int, default=400)
     parser.add_argument("--num-val", type=int, default=100)
     parser.add_argument("--image-size", type=int, default=256,
@@ -269,6 +263,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="dataset folder: used if it holds COCO files, else generated "
                              "there (default: a temporary folder)")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the dataset")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                        choices=list(VARIANTS), help="default: all")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs of every run (default: the recipe's)")
+    add_data_arguments(parser)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override for every variant (repeatable)")
     parser.add_argument("--out", default="runs/ablation",

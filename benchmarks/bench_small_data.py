@@ -65,6 +65,8 @@ import torch
 from torch import Tensor, nn
 
 from ablation import (
+    BOOKKEEPING,
+    add_data_arguments,
     data_overrides,
     drop_checkpoints,
     epoch_seconds,
@@ -75,7 +77,6 @@ from ablation import (
 from common import write_json
 
 DETECTORS = ("fcos", "retinanet")
-BOOKKEEPING = ["eval_every_epochs=0", "keep_last=1"]
 SCORE_THRESH = 0.05
 WARMUP_FRACTION, WARMUP_MAX, WARMUP_FACTOR = 0.1, 1000, 1e-3
 
@@ -259,14 +260,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0],
                         help="training seeds (the data stay the same)")
-    parser.add_argument("--num-train", type=int, default=400)
-    parser.add_argument("--num-val", type=int, default=100)
-    parser.add_argument("--image-size", type=int, default=256,
-                        help="side of the generated square images")
-    parser.add_argument("--data", default=None,
-                        help="dataset folder: used if it holds COCO files, else generated "
-                             "there (default: a temporary folder)")
-    parser.add_argument("--data-seed", type=int, default=0, help="seed of the dataset")
+    add_data_arguments(parser)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="dinodet recipe override (repeatable); the baselines follow its "
                              "sizes, batch and epochs")
