@@ -237,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="dinodet", description="DINO object detection: convert, train, evaluate, predict.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error instead of its one-line message")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="original DINO .pth -> safetensors + JSON config")
@@ -345,17 +347,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the file (onnxruntime / torch.export.load) and compare it with "
                         "PyTorch on random images")
     p.set_defaults(func=_export)
+    for command in sub.choices.values():  # `dinodet train ... --debug` works too
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the traceback of an error")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from dinodet.weights import CheckpointError
+def _describe_os_error(e: OSError) -> str:
+    """``[Errno 28] No space left on device: 'x'`` -> ``x: No space left on device``."""
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    reason = e.strerror or str(e)
+    return f"{where}: {reason}" if where else reason
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Mistakes in the user's input (:class:`dinodet.errors.UserError`,
+    and files that cannot be read or written) print one line naming the problem and exit
+    2; ``--debug`` lets them raise with their traceback."""
+    args = build_parser().parse_args(argv)
+    if args.debug:
+        return args.func(args)
     try:
         return args.func(args)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+    except (ValueError, FileNotFoundError) as e:  # UserError and its subclasses first
         print(f"dinodet {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a permission, a missing folder: no traceback
+        print(f"dinodet {args.command}: error: {_describe_os_error(e)}", file=sys.stderr)
         return 2
 
 

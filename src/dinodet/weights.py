@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from dinodet.data.transforms import EvalTransform
+from dinodet.errors import UserError
 
 if TYPE_CHECKING:
     from dinodet.config import DINOConfig
@@ -43,7 +44,7 @@ WeightsChoice = Literal["ema", "raw"]
 _SAFE_GLOBALS: list[Any] = [argparse.Namespace]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A weights or checkpoint file that cannot be read or written, or does not fit the
     model; the message names the file and what is wrong."""
 

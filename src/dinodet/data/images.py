@@ -13,6 +13,8 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
+from dinodet.errors import UserError
+
 __all__ = ["IMAGE_EXTENSIONS", "ImageInput", "ImageReadError", "load_image"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -20,7 +22,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 ImageInput = str | Path | Image.Image | np.ndarray | Tensor
 
 
-class ImageReadError(ValueError):
+class ImageReadError(UserError):
     """An image file that is missing or cannot be decoded."""
 
 
