@@ -17,6 +17,8 @@ from dinodet.data import (
     SkippedImageWarning,
     collate_fn,
 )
+from dinodet.data.coco import MAX_CATEGORY_ID
+from dinodet.errors import DataError, UserError
 
 
 def _by_id(ds: CocoDetection, image_id: int):
@@ -128,16 +130,16 @@ def test_malformed_json_files(tmp_path, coco_writer):
     data = json.loads(missing.read_text())
     del data["images"]
     missing.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=r"a\.json: missing key 'images'"):
+    with pytest.raises(DataError, match=r"a\.json: missing key 'images'"):
         CocoDetection(missing, tmp_path)
 
     no_file_name = coco_writer(tmp_path / "b.json", [{"id": 1}], [], [])
-    with pytest.raises(ValueError, match=r"b\.json: images\[0\] is missing key 'file_name'"):
+    with pytest.raises(DataError, match=r"b\.json: images\[0\] is missing key 'file_name'"):
         CocoDetection(no_file_name, tmp_path)
 
     broken = tmp_path / "c.json"
     broken.write_text('{"images": [')
-    with pytest.raises(ValueError, match=r"c\.json: not a valid JSON"):
+    with pytest.raises(DataError, match=r"c\.json: not a valid JSON"):
         CocoDetection(broken, tmp_path)
 
 
@@ -181,3 +183,135 @@ def test_unreadable_images_strict_raises(unreadable_images, index):
     name = ds.image_path(index).name
     with pytest.raises(ValueError, match=rf"cannot read image .*{name}"):
         ds[index]
+
+
+def test_data_errors_are_value_errors():
+    assert issubclass(DataError, UserError) and issubclass(DataError, ValueError)
+
+
+def _one_image(tmp_path, write_coco, images=None, annotations=(), categories=None, name="x.json"):
+    images = [{"id": 1, "file_name": "1.png"}] if images is None else images
+    categories = [{"id": 1, "name": "a"}] if categories is None else categories
+    return write_coco(tmp_path / name, images, list(annotations), categories)
+
+
+@pytest.mark.parametrize("bad", ["7", True, 1.5, None, [1]])
+def test_image_ids_must_be_integers(tmp_path, coco_writer, bad):
+    images = [{"id": 1, "file_name": "1.png"}, {"id": bad, "file_name": "2.png"}]
+    ann_file = _one_image(tmp_path, coco_writer, images=images)
+    with pytest.raises(DataError, match=re.escape(
+            f"{ann_file}: images[1].id must be an integer, got {bad!r}")):
+        CocoDetection(ann_file, tmp_path)
+
+
+def test_duplicate_image_ids_name_the_item(tmp_path, coco_writer):
+    images = [{"id": 4, "file_name": "1.png"}, {"id": 4, "file_name": "2.png"}]
+    ann_file = _one_image(tmp_path, coco_writer, images=images)
+    with pytest.raises(DataError, match=r"images\[1\]: duplicate image id 4"):
+        CocoDetection(ann_file, tmp_path)
+
+
+@pytest.mark.parametrize("bad", [None, "", 3, ["a.png"]])
+def test_file_name_must_be_a_non_empty_string(tmp_path, coco_writer, bad):
+    ann_file = _one_image(tmp_path, coco_writer, images=[{"id": 1, "file_name": bad}])
+    with pytest.raises(DataError, match=re.escape(
+            f"{ann_file}: images[0].file_name must be a non-empty string, got {bad!r}")):
+        CocoDetection(ann_file, tmp_path)
+    nul = _one_image(tmp_path, coco_writer, images=[{"id": 1, "file_name": "a\x00.png"}])
+    with pytest.raises(DataError, match="NUL character"):
+        CocoDetection(nul, tmp_path)
+
+
+def test_file_name_outside_the_image_folder(tmp_path, image_writer, coco_writer):
+    image_dir = tmp_path / "images"
+    (image_dir / "sub").mkdir(parents=True)
+    image_writer(tmp_path / "outside.png", 8, 12, background=(10, 20, 30))
+    image_writer(image_dir / "inside.png", 8, 12, background=(40, 50, 60))
+    for name, how in [("../outside.png", "leads out of it with '..'"),
+                      ("sub/../../outside.png", "leads out of it with '..'"),
+                      (str(tmp_path / "outside.png"), "is an absolute path")]:
+        images = [{"id": 1, "file_name": "inside.png"}, {"id": 2, "file_name": name}]
+        ann_file = _one_image(tmp_path, coco_writer, images=images)
+        with pytest.raises(DataError, match=re.escape(
+                f"{ann_file}: images[1].file_name {name!r} {how}, outside the image folder "
+                f"{image_dir}; pass allow_outside_image_dir=True")):
+            CocoDetection(ann_file, image_dir)
+        allowed = CocoDetection(ann_file, image_dir, allow_outside_image_dir=True)
+        image, _ = allowed[1]
+        assert (image[:, 0, 0] * 255).round().tolist() == [10, 20, 30]
+
+    # '..' that stays inside after normalisation is fine.
+    images = [{"id": 1, "file_name": "sub/../inside.png"}, {"id": 2, "file_name": "./inside.png"}]
+    ds = CocoDetection(_one_image(tmp_path, coco_writer, images=images), image_dir)
+    assert (ds[0][0][:, 0, 0] * 255).round().tolist() == [40, 50, 60]
+    assert (ds[1][0][:, 0, 0] * 255).round().tolist() == [40, 50, 60]
+
+
+def test_booleans_and_non_integers_are_invalid_annotations(tmp_path, image_writer, coco_writer):
+    image_writer(tmp_path / "1.png", 16, 16)
+    annotations = [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4], "iscrowd": 0},
+        {"id": 2, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4], "iscrowd": 1},
+        {"id": 3, "image_id": 1, "category_id": 1, "bbox": [True, 1, 4, 4]},
+        {"id": 4, "image_id": 1, "category_id": True, "bbox": [1, 1, 4, 4]},
+        {"id": 5, "image_id": True, "category_id": 1, "bbox": [1, 1, 4, 4]},
+        {"id": 6, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4], "iscrowd": True},
+        {"id": 7, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4], "iscrowd": 2},
+        {"id": 8, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4], "iscrowd": "0"},
+        {"id": 9, "image_id": [1], "category_id": 1, "bbox": [1, 1, 4, 4]},
+        {"id": 10, "image_id": 1, "category_id": 1.0, "bbox": [1, 1, 4, 4]},
+        {"id": 11, "image_id": 1, "category_id": 1, "bbox": [1, 1, 10**400, 4]},
+    ]
+    ann_file = _one_image(tmp_path, coco_writer, annotations=annotations)
+    with pytest.warns(AnnotationWarning) as record:
+        ds = CocoDetection(ann_file, tmp_path)
+    message = str(record[0].message)
+    assert "9 invalid annotations" in message
+    for expected in ["annotation 3 (image 1): malformed bbox [True, 1, 4, 4]",
+                     "annotation 4 (image 1): category_id must be an integer, got True",
+                     "annotation 5 (image True): image_id must be an integer, got True",
+                     "annotation 6 (image 1): iscrowd must be 0 or 1, got True",
+                     "annotation 7 (image 1): iscrowd must be 0 or 1, got 2",
+                     "annotation 8 (image 1): iscrowd must be 0 or 1, got '0'",
+                     "annotation 9 (image [1]): image_id must be an integer, got [1]",
+                     "annotation 10 (image 1): category_id must be an integer, got 1.0",
+                     "annotation 11 (image 1): malformed bbox [1, 1, 1000"]:
+        assert expected in message
+    assert sorted(ds.coco.getAnnIds()) == [1, 2]
+    _, target = ds[0]
+    assert target["labels"].tolist() == [0]  # the crowd box is no target
+
+    with pytest.raises(DataError, match=r"9 invalid annotations: annotation 3 \(image 1\)"):
+        CocoDetection(ann_file, tmp_path, strict=True)
+
+
+@pytest.mark.parametrize("bad", [True, -1, "1", 2.0])
+def test_category_ids_must_be_integers(tmp_path, coco_writer, bad):
+    ann_file = _one_image(tmp_path, coco_writer, categories=[{"id": bad, "name": "a"}])
+    with pytest.raises(DataError, match=re.escape(
+            f"{ann_file}: categories[0].id must be an integer ≥ 0, got {bad!r}")):
+        CocoDetection(ann_file, tmp_path)
+
+
+def test_keep_category_ids_has_an_upper_limit(tmp_path, coco_writer):
+    huge = _one_image(tmp_path, coco_writer, categories=[{"id": 3, "name": "a"},
+                                                          {"id": 10**12, "name": "b"}])
+    with pytest.raises(DataError, match=re.escape(
+            f"{huge}: categories[1].id 1000000000000 is above {MAX_CATEGORY_ID}")):
+        CocoDetection(huge, tmp_path, keep_category_ids=True)
+    assert CocoDetection(huge, tmp_path).num_classes == 2  # contiguous labels: no problem
+
+    at_limit = _one_image(tmp_path, coco_writer, categories=[{"id": MAX_CATEGORY_ID,
+                                                              "name": "z"}], name="y.json")
+    assert CocoDetection(at_limit, tmp_path, keep_category_ids=True).num_classes == (
+        MAX_CATEGORY_ID + 1)
+    over = _one_image(tmp_path, coco_writer, categories=[{"id": MAX_CATEGORY_ID + 1,
+                                                          "name": "z"}], name="z.json")
+    with pytest.raises(DataError, match=str(MAX_CATEGORY_ID + 1)):
+        CocoDetection(over, tmp_path, keep_category_ids=True)
+
+
+def test_strict_unreadable_image_is_a_data_error(unreadable_images):
+    ds = CocoDetection(*unreadable_images, strict=True)
+    with pytest.raises(DataError, match=r"cannot read image .*corrupt\.jpg"):
+        ds[1]

@@ -2,11 +2,18 @@
 
 Category ids become contiguous labels ``0..K-1`` (sorted by id) unless
 ``keep_category_ids=True`` keeps the raw id, as the original COCO checkpoints do (91
-slots, unused ids named ``unused-<id>``); the table travels in checkpoints
-(:meth:`CocoDetection.class_table`). Bad annotations are reported once at load time and
-left out (``strict=True``: an error). An unreadable image gives a :class:`SkippedImage`
-marker that the collate function lists in ``Batch.skipped`` (so the count survives
-worker processes).
+slots, unused ids named ``unused-<id>``; ids up to :data:`MAX_CATEGORY_ID`); the table
+travels in checkpoints (:meth:`CocoDetection.class_table`).
+
+The json is checked at load time: a structural problem (a missing key, an image or
+category id that is not an integer, a duplicate id, a ``file_name`` that is empty, absolute
+or leads out of the image folder with ``..``) is a :class:`~dinodet.errors.DataError` that
+names the file and the item. Bad annotations (unknown image or category, ids or ``bbox``
+values that are not numbers, booleans included, ``iscrowd`` other than 0 or 1, empty
+boxes) are reported once and left out (``strict=True``: an error). An image that cannot be
+read (missing, not a regular file, over the pixel limit, undecodable) gives a
+:class:`SkippedImage` marker that the collate function lists in ``Batch.skipped`` (so the
+count survives worker processes).
 """
 
 from __future__ import annotations
@@ -14,10 +21,12 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
@@ -29,9 +38,11 @@ from torchvision import tv_tensors
 from torchvision.ops import box_convert, clip_boxes_to_image
 from torchvision.transforms.v2 import functional as F
 
-from dinodet.data.images import ImageReadError, load_image
+from dinodet.data.images import ImageReadError, load_image, resolve_max_pixels
+from dinodet.errors import DataError
 
-__all__ = ["AnnotationWarning", "CocoDetection", "Sample", "SkippedImage", "SkippedImageWarning"]
+__all__ = ["MAX_CATEGORY_ID", "AnnotationWarning", "CocoDetection", "Sample", "SkippedImage",
+           "SkippedImageWarning"]
 
 #: A transform applied to ``(image, target)``; see :func:`dinodet.data.build_transforms`.
 Transform = Callable[[tv_tensors.Image, dict[str, Any]], tuple[Any, dict[str, Any]]]
@@ -45,6 +56,10 @@ _REQUIRED_KEYS = {
 }
 _MAX_LISTED = 20  # bad annotations named in the load-time warning
 _MAX_IN_ERROR = 5  # ... and in the strict-mode error
+#: The largest category id that ``keep_category_ids=True`` accepts: it makes one class per
+#: id from 0 to the largest (COCO's go to 90), so a stray id of 10**12 would otherwise
+#: allocate a classifier of 10**12 outputs.
+MAX_CATEGORY_ID = 100_000
 
 
 class AnnotationWarning(UserWarning):
@@ -71,38 +86,70 @@ def _read_json(ann_file: Path) -> dict[str, Any]:
         with open(ann_file, encoding="utf-8") as f:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{ann_file}: not a valid JSON file ({exc})") from exc
+        raise DataError(f"{ann_file}: not a valid JSON file ({exc})") from exc
     if not isinstance(data, dict):
-        raise ValueError(f"{ann_file}: expected a JSON object, got {type(data).__name__}")
+        raise DataError(f"{ann_file}: expected a JSON object, got {type(data).__name__}")
     for key, item_keys in _REQUIRED_KEYS.items():
         if key not in data:
-            raise ValueError(f"{ann_file}: missing key {key!r}")
+            raise DataError(f"{ann_file}: missing key {key!r}")
         if not isinstance(data[key], list):
-            raise ValueError(f"{ann_file}: {key!r} must be a list, got {type(data[key]).__name__}")
+            raise DataError(f"{ann_file}: {key!r} must be a list, got {type(data[key]).__name__}")
         for i, item in enumerate(data[key]):
             if not isinstance(item, dict):
-                raise ValueError(f"{ann_file}: {key}[{i}] is not an object")
+                raise DataError(f"{ann_file}: {key}[{i}] is not an object")
             missing = [k for k in item_keys if k not in item]
             if missing:
-                raise ValueError(f"{ann_file}: {key}[{i}] is missing key {missing[0]!r}")
+                raise DataError(f"{ann_file}: {key}[{i}] is missing key {missing[0]!r}")
     return data
+
+
+def _is_int(value: Any) -> bool:
+    """An integer of the json (``true`` / ``false`` are not)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite number of the json that fits a float (``true`` / ``false`` are not)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer of 309 digits or more
+        return False
+
+
+def _outside(file_name: str) -> str | None:
+    """How ``file_name`` leaves the folder it is relative to, or None when it stays inside.
+
+    Pure path arithmetic (nothing is resolved, symlinks are not followed): an anchor (a
+    root or drive) makes it absolute; after normalisation, a leading ``..`` leaves.
+    """
+    if PurePath(file_name).anchor:
+        return "is an absolute path"
+    parts = PurePath(os.path.normpath(file_name)).parts
+    if parts and parts[0] == "..":
+        return "leads out of it with '..'"
+    return None
 
 
 def _annotation_problem(ann: dict, image_ids: set, category_ids: set) -> str | None:
     """Why an annotation is unusable, or None when it is fine."""
+    if not _is_int(ann["image_id"]):
+        return f"image_id must be an integer, got {ann['image_id']!r}"
     if ann["image_id"] not in image_ids:
         return "unknown image"
+    if not _is_int(ann["category_id"]):
+        return f"category_id must be an integer, got {ann['category_id']!r}"
     if ann["category_id"] not in category_ids:
         return f"unknown category {ann['category_id']}"
     bbox = ann["bbox"]
-    if not (
-        isinstance(bbox, list | tuple)
-        and len(bbox) == 4
-        and all(isinstance(v, int | float) and np.isfinite(v) for v in bbox)
-    ):
+    if not (isinstance(bbox, list | tuple) and len(bbox) == 4 and all(map(_is_number, bbox))):
         return f"malformed bbox {bbox!r}"
     if bbox[2] <= 0 or bbox[3] <= 0:
         return f"non-positive box size (w={bbox[2]}, h={bbox[3]})"
+    iscrowd = ann.get("iscrowd", 0)
+    if not _is_int(iscrowd) or iscrowd not in (0, 1):
+        return f"iscrowd must be 0 or 1, got {iscrowd!r}"
     return None
 
 
@@ -126,9 +173,19 @@ class CocoDetection(Dataset):
         image_dir: folder that ``file_name`` of each image is relative to.
         transforms: called as ``transforms(image, target)`` on a ``tv_tensors.Image``
             (uint8) and ``{"boxes": BoundingBoxes (XYXY pixels), "labels": int64 [n]}``.
-        keep_category_ids: use raw category ids as labels (``num_classes = max id + 1``).
-        strict: raise ``ValueError`` on bad annotations and unreadable images
-            instead of warning and skipping them.
+        keep_category_ids: use raw category ids as labels (``num_classes = max id + 1``;
+            ids above :data:`MAX_CATEGORY_ID` are a DataError).
+        strict: raise :class:`~dinodet.errors.DataError` (a ``ValueError``) on bad
+            annotations and unreadable images instead of warning and skipping them.
+        max_pixels: the pixel limit of an image file, checked from its header before it is
+            decoded; an image over it is skipped like an unreadable one. None: the
+            environment variable ``DINODET_MAX_IMAGE_PIXELS``, else
+            :data:`~dinodet.data.images.DEFAULT_MAX_IMAGE_PIXELS`, read once here; 0 or
+            less: no limit (:func:`~dinodet.data.images.resolve_max_pixels`).
+        allow_outside_image_dir: accept a ``file_name`` that is absolute or leads out of
+            ``image_dir`` with ``..`` (by default a DataError naming it).
+
+    The json's structure is checked here: a DataError names the file and the item.
     """
 
     def __init__(
@@ -138,26 +195,20 @@ class CocoDetection(Dataset):
         transforms: Transform | None = None,
         keep_category_ids: bool = False,
         strict: bool = False,
+        max_pixels: int | None = None,
+        allow_outside_image_dir: bool = False,
     ) -> None:
         self.ann_file = Path(ann_file)
         self.image_dir = Path(image_dir)
         self.transforms = transforms
         self.keep_category_ids = keep_category_ids
         self.strict = strict
+        self.max_pixels = resolve_max_pixels(max_pixels)  # 0: no limit
+        self.allow_outside_image_dir = allow_outside_image_dir
 
         data = _read_json(self.ann_file)
-        images = {}
-        for img in data["images"]:
-            if img["id"] in images:
-                raise ValueError(f"{self.ann_file}: duplicate image id {img['id']}")
-            images[img["id"]] = img
-        categories = {}
-        for cat in data["categories"]:
-            if cat["id"] in categories:
-                raise ValueError(f"{self.ann_file}: duplicate category id {cat['id']}")
-            if not isinstance(cat["id"], int) or cat["id"] < 0:
-                raise ValueError(f"{self.ann_file}: category id {cat['id']!r} is not an int ≥ 0")
-            categories[cat["id"]] = cat
+        images = self._check_images(data["images"])
+        categories = self._check_categories(data["categories"])
         self._build_class_table(categories)
 
         valid, problems = [], []
@@ -167,7 +218,8 @@ class CocoDetection(Dataset):
             if problem is None:
                 valid.append(ann)
             else:
-                problems.append(f"annotation {ann['id']} (image {ann['image_id']}): {problem}")
+                problems.append(f"annotation {ann['id']!r} (image {ann['image_id']!r}): "
+                                f"{problem}")
         self._report_problems(problems)
 
         self.image_ids: list[int] = sorted(images)
@@ -175,7 +227,48 @@ class CocoDetection(Dataset):
         self._targets = self._group_targets(valid)
         self.coco = self._build_coco(data, valid)
 
-    # -- categories ------------------------------------------------------------------------
+    # -- images and categories -------------------------------------------------------------
+
+    def _check_images(self, items: list[dict]) -> dict[int, dict]:
+        """image id -> image entry; a DataError names a bad id or ``file_name``."""
+        images: dict[int, dict] = {}
+        for i, img in enumerate(items):
+            image_id, name = img["id"], img["file_name"]
+            where = f"{self.ann_file}: images[{i}]"
+            if not _is_int(image_id):
+                raise DataError(f"{where}.id must be an integer, got {image_id!r}")
+            if image_id in images:
+                raise DataError(f"{where}: duplicate image id {image_id}")
+            if not isinstance(name, str) or not name:
+                raise DataError(f"{where}.file_name must be a non-empty string, got {name!r}")
+            if "\x00" in name:
+                raise DataError(f"{where}.file_name {name!r} contains a NUL character")
+            how = None if self.allow_outside_image_dir else _outside(name)
+            if how is not None:
+                raise DataError(f"{where}.file_name {name!r} {how}, outside the image folder "
+                                f"{self.image_dir}; pass allow_outside_image_dir=True to "
+                                "read it anyway")
+            images[image_id] = img
+        return images
+
+    def _check_categories(self, items: list[dict]) -> dict[int, dict]:
+        """category id -> category entry; a DataError names a bad id."""
+        categories: dict[int, dict] = {}
+        for i, cat in enumerate(items):
+            cat_id = cat["id"]
+            where = f"{self.ann_file}: categories[{i}]"
+            if not _is_int(cat_id) or cat_id < 0:
+                raise DataError(f"{where}.id must be an integer ≥ 0, got {cat_id!r}")
+            if cat_id in categories:
+                raise DataError(f"{where}: duplicate category id {cat_id}")
+            if self.keep_category_ids and cat_id > MAX_CATEGORY_ID:
+                raise DataError(
+                    f"{where}.id {cat_id} is above {MAX_CATEGORY_ID}, the largest id that "
+                    "keep_category_ids=True accepts (it makes one class per id from 0 to the "
+                    "largest); renumber the categories or use contiguous labels "
+                    "(keep_category_ids=False)")
+            categories[cat_id] = cat
+        return categories
 
     def _build_class_table(self, categories: dict[int, dict]) -> None:
         ids = sorted(categories)
@@ -209,7 +302,7 @@ class CocoDetection(Dataset):
         if self.strict:
             listed = "; ".join(problems[:_MAX_IN_ERROR])
             more = f"; and {n - _MAX_IN_ERROR} more" if n > _MAX_IN_ERROR else ""
-            raise ValueError(f"{self.ann_file}: {n} invalid annotations: {listed}{more}")
+            raise DataError(f"{self.ann_file}: {n} invalid annotations: {listed}{more}")
         listed = "\n  ".join(problems[:_MAX_LISTED])
         more = f"\n  ... and {n - _MAX_LISTED} more" if n > _MAX_LISTED else ""
         warnings.warn(
@@ -260,12 +353,12 @@ class CocoDetection(Dataset):
         image_id = self.image_ids[index]
         path = self.image_path(index)
         try:
-            image = tv_tensors.Image(load_image(path))
+            image = tv_tensors.Image(load_image(path, self.max_pixels))
         except ImageReadError as exc:
             cause = exc.__cause__ or exc  # the decoder's own error, or the missing file
             reason = f"{type(cause).__name__}: {cause}"
             if self.strict:
-                raise ValueError(f"cannot read image {path}: {reason}") from exc
+                raise DataError(f"cannot read image {path}: {reason}") from exc
             warnings.warn(f"skipping image {path}: {reason}", SkippedImageWarning, stacklevel=2)
             return SkippedImage(str(path), reason)
 

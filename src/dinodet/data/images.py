@@ -1,29 +1,185 @@
 """Images in every common form -> RGB uint8 [3, H, W]: files (EXIF upright), PIL (grey,
 RGBA, palette, 16-bit), numpy HWC / HW, CHW tensors; the one reader of the dataset, the
-Detector and the demo."""
+Detector and the demo, so training, evaluation and prediction decode a file identically.
+
+16-bit and 32-bit images are scaled to 8 bits (``v / 257``), never clipped. A file must be a
+regular file (a FIFO, device, socket or directory is refused before it is opened, so nothing
+blocks), and its declared size must be within a pixel limit, checked from the header before
+any pixel is decoded: ``max_pixels`` of :func:`load_image`, else the environment variable
+``DINODET_MAX_IMAGE_PIXELS``, else :data:`DEFAULT_MAX_IMAGE_PIXELS` (PIL's own default);
+0 or less means no limit. This check replaces PIL's global ``Image.MAX_IMAGE_PIXELS`` one
+while a file is read, so a raised limit works above PIL's threshold too.
+"""
 
 from __future__ import annotations
 
-import errno
+import contextlib
+import operator
 import os
+import stat
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from dinodet.errors import UserError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageInput", "ImageReadError", "load_image"]
+__all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "IMAGE_EXTENSIONS", "MAX_PIXELS_ENV", "ImageInput",
+           "ImageReadError", "ImageTooLargeError", "load_image", "resolve_max_pixels"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+#: The default pixel limit of a decoded file: PIL's default ``Image.MAX_IMAGE_PIXELS``
+#: (1024**3 // 4 // 3, about 89.5 megapixels: a 3-byte-per-pixel image of 256 MiB).
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+#: The environment variable that sets the pixel limit when ``max_pixels`` is None.
+MAX_PIXELS_ENV = "DINODET_MAX_IMAGE_PIXELS"
+_HOW_TO_RAISE = (f"raise it with load_image(..., max_pixels=N), the environment variable "
+                 f"{MAX_PIXELS_ENV}=N or the setting data.max_image_pixels (0 = no limit)")
 
 ImageInput = str | Path | Image.Image | np.ndarray | Tensor
 
 
 class ImageReadError(UserError):
-    """An image file that is missing or cannot be decoded."""
+    """An image file that is missing, not a regular file, too large or cannot be decoded."""
+
+
+class ImageTooLargeError(ImageReadError):
+    """An image file whose declared size is over the pixel limit (nothing was decoded)."""
+
+
+def resolve_max_pixels(max_pixels: int | None = None) -> int:
+    """The pixel limit in force: ``max_pixels``, else ``$DINODET_MAX_IMAGE_PIXELS`` (when set
+    and not empty), else :data:`DEFAULT_MAX_IMAGE_PIXELS`; 0 means no limit (so does any
+    value <= 0). Raises :class:`~dinodet.errors.UserError` for a value that is no integer."""
+    if max_pixels is None:
+        text = os.environ.get(MAX_PIXELS_ENV, "").strip()
+        if not text:
+            return DEFAULT_MAX_IMAGE_PIXELS
+        try:
+            value = int(text)
+        except ValueError:
+            raise UserError(f"environment variable {MAX_PIXELS_ENV}={text!r} is not an "
+                            "integer (a number of pixels; 0 = no limit)") from None
+    else:
+        try:
+            if isinstance(max_pixels, bool):
+                raise TypeError
+            value = operator.index(max_pixels)
+        except TypeError:
+            raise UserError(f"max_pixels must be an integer number of pixels (0 = no limit) "
+                            f"or None, got {max_pixels!r}") from None
+    return max(value, 0)
+
+
+def _kind(mode: int) -> str:
+    """What a non-regular file is, for the error message."""
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+def _not_regular(path: Path, mode: int) -> ImageReadError:
+    return ImageReadError(f"cannot read image {path}: is {_kind(mode)}, not a regular file")
+
+
+def _open_regular(path: Path) -> IO[bytes]:
+    """``path`` opened for reading, refused with ImageReadError unless it is a regular file.
+
+    ``stat`` comes first, so a FIFO or device is never opened; the descriptor is opened
+    non-blocking and checked again, so a file swapped for a FIFO in between can't block
+    either.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError as e:
+        raise ImageReadError(f"image file not found: {path}") from e
+    except (OSError, ValueError) as e:  # permission, a path through a file, a NUL byte ...
+        raise ImageReadError(f"cannot read image {path}: {e}") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(path, st.st_mode)
+    nonblock = getattr(os, "O_NONBLOCK", 0)  # POSIX only, as O_NOCTTY
+    flags = os.O_RDONLY | nonblock | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError as e:  # removed since the stat
+        raise ImageReadError(f"image file not found: {path}") from e
+    except OSError as e:
+        raise ImageReadError(f"cannot read image {path}: {e}") from e
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _not_regular(path, mode)
+        if nonblock:
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+_pil_lock = threading.Lock()
+_pil_readers = 0
+_pil_saved: int | None = None
+
+
+@contextlib.contextmanager
+def _own_size_check() -> Iterator[None]:
+    """PIL's global decompression-bomb check off while any :func:`load_image` reads a file
+    (its size check replaces it), then ``Image.MAX_IMAGE_PIXELS`` back as it was.
+
+    Counted, so concurrent readers in threads share one save and restore; a value that
+    someone else set meanwhile is left alone.
+    """
+    global _pil_readers, _pil_saved
+    with _pil_lock:
+        if _pil_readers == 0:
+            _pil_saved = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None
+        _pil_readers += 1
+    try:
+        yield
+    finally:
+        with _pil_lock:
+            _pil_readers -= 1
+            if _pil_readers == 0 and Image.MAX_IMAGE_PIXELS is None:
+                Image.MAX_IMAGE_PIXELS = _pil_saved
+
+
+def _check_size(path: Path, size: tuple[int, int], limit: int) -> None:
+    width, height = size
+    pixels = width * height
+    if limit > 0 and pixels > limit:
+        raise ImageTooLargeError(
+            f"image {path} is {width}x{height} = {pixels / 1e6:.1f} megapixels, over the "
+            f"limit of {limit / 1e6:.1f} megapixels ({limit} pixels); {_HOW_TO_RAISE}")
+
+
+def _read_file(path: Path, limit: int) -> Tensor:
+    with _open_regular(path) as f, _own_size_check():
+        try:
+            im = Image.open(f)  # reads the header only
+        except UnidentifiedImageError as e:  # PIL's message names the file object: the path
+            named = UnidentifiedImageError(f"cannot identify image file {str(path)!r}")
+            named.__cause__ = e
+            raise ImageReadError(f"cannot read image {path}: {named}") from named
+        except Exception as e:  # decoders raise many types (OSError, SyntaxError, ...)
+            raise ImageReadError(f"cannot read image {path}: {e}") from e
+        with im:
+            _check_size(path, im.size, limit)
+            try:
+                im.load()
+                return _from_pil(im)
+            except Exception as e:
+                raise ImageReadError(f"cannot read image {path}: {e}") from e
 
 
 def _from_pil(im: Image.Image) -> Tensor:
@@ -84,23 +240,18 @@ def _from_chw(x: Tensor) -> Tensor:
     return x[:3].contiguous()
 
 
-def load_image(image: ImageInput) -> Tensor:
+def load_image(image: ImageInput, max_pixels: int | None = None) -> Tensor:
     """Any supported image form -> RGB uint8 [3, H, W] (upright for EXIF-rotated files).
 
     Tensors are CHW, uint8 0-255 or float 0-1; numpy arrays are HWC or HW, uint8.
-    Raises ImageReadError for a file that is missing or cannot be decoded.
+    ``max_pixels`` limits the declared width x height of a *file* (see
+    :func:`resolve_max_pixels`: None takes ``$DINODET_MAX_IMAGE_PIXELS`` or the default,
+    0 or less no limit); images already in memory are not limited.
+    Raises ImageReadError for a file that is missing, not a regular file or cannot be
+    decoded, ImageTooLargeError (an ImageReadError) for one over the limit.
     """
     if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_file():
-            missing = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
-            raise ImageReadError(f"image file not found: {path}") from missing
-        try:
-            with Image.open(path) as im:
-                im.load()
-                return _from_pil(im)
-        except Exception as e:  # decoders raise many types (OSError, SyntaxError, ...)
-            raise ImageReadError(f"cannot read image {path}: {e}") from e
+        return _read_file(Path(image), resolve_max_pixels(max_pixels))
     if isinstance(image, Image.Image):
         return _from_pil(image)
     if isinstance(image, np.ndarray):
