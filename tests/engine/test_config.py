@@ -189,9 +189,9 @@ def test_to_yaml_loads_back(tmp_path):
 def test_direct_construction_is_checked():
     assert OptimConfig(betas=[0.9, 0.99]).betas == (0.9, 0.99)
     # A section built on its own names its fields; inside a TrainConfig, by their full path.
-    with pytest.raises(ValueError, match=r"^lr: must be > 0, got 0"):
+    with pytest.raises(ValueError, match=r"^lr: must be in \(0, 1\] .*, got 0"):
         OptimConfig(lr=0)
-    with pytest.raises(ValueError, match=r"^optim\.lr: must be > 0, got 0"):
+    with pytest.raises(ValueError, match=r"^optim\.lr: must be in \(0, 1\] .*, got 0"):
         TrainConfig.from_dict({"optim": {"lr": 0}})
     with pytest.raises(ValueError, match=r"^lr_drop_epochs: .*'step' schedule"):
         OptimConfig(schedule="step", lr_drop_epochs=())

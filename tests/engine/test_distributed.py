@@ -83,7 +83,10 @@ def test_bad_environment(monkeypatch):
 
 def test_resolve_device():
     assert d.resolve_device("cpu") == torch.device("cpu")
-    assert d.resolve_device("cuda", local_rank=3) == torch.device("cuda", 3)
+    if torch.cuda.device_count() > 3:
+        assert d.resolve_device("cuda", local_rank=3) == torch.device("cuda", 3)
+    with pytest.raises(ValueError, match=r"'cuda:99' .* asks for cuda:99, but this machine has"):
+        d.resolve_device("cuda:99")
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert d.resolve_device("auto").type == expected
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,6 +85,20 @@ def seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
 
 
+def _init_worker(worker_id: int) -> None:
+    """A loader worker: seeded (:func:`seed_worker`) and deaf to SIGINT / SIGTERM.
+
+    Ctrl-C, ``kill -- -PGID``, SLURM preemption and container runtimes signal every
+    process of the group; a worker that died of it would take the main process down
+    before it could save. Ignoring them leaves the decision to the main process, which
+    shuts its workers down as usual; a worker whose main process is gone exits by itself
+    (the DataLoader's watchdog).
+    """
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    seed_worker(worker_id)
+
+
 class EpochSampler(Sampler[int]):
     """This rank's indices of one epoch: shuffled from (``seed``, epoch) or in order, the
     first ``skip`` of that order left out (a resumed run sees exactly the samples it
@@ -146,6 +161,6 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: in
         num_workers=num_workers,
         collate_fn=collate,
         pin_memory=torch.cuda.is_available(),
-        worker_init_fn=seed_worker,
+        worker_init_fn=_init_worker,
         generator=torch.Generator().manual_seed(seed * 1000 + epoch * 10 + rank),
     )

@@ -41,6 +41,9 @@ class DataConfig:
 
     ``keep_category_ids`` uses the raw COCO category ids as class indices (as the released
     checkpoints do); ``strict`` makes annotation problems errors instead of skipped boxes.
+    ``max_image_pixels``: images declaring more pixels are not decoded (skipped); None:
+    ``DINODET_MAX_IMAGE_PIXELS``, else about 89 million; 0: no limit.
+    ``allow_outside_image_dir`` lets a ``file_name`` be absolute or climb out with ``..``.
     """
 
     train_ann: str | None = None
@@ -50,6 +53,8 @@ class DataConfig:
     keep_category_ids: bool = False
     strict: bool = False
     num_workers: int = 2
+    max_image_pixels: int | None = None
+    allow_outside_image_dir: bool = False
     transform: TransformConfig = field(default_factory=TransformConfig)
 
     def __post_init__(self) -> None:
@@ -85,7 +90,8 @@ class OptimConfig:
                     "min_lr_ratio"):
             value = getattr(self, key)
             require(math.isfinite(value), key, value, "must be a finite number")
-        require(self.lr > 0, "lr", self.lr, "must be > 0")
+        require(0 < self.lr <= 1, "lr", self.lr, "must be in (0, 1] (the paper's is 1e-4)")
+        require(self.lr_backbone <= 1, "lr_backbone", self.lr_backbone, "must be <= 1")
         for key in ("lr_backbone", "weight_decay"):
             require(getattr(self, key) >= 0, key, getattr(self, key), "must be >= 0")
         require(all(0.0 <= b < 1.0 for b in self.betas), "betas", self.betas,

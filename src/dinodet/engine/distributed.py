@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dinodet.errors import UserError
+
 __all__ = ["DistInfo", "all_gather_object", "all_reduce_mean", "barrier", "cleanup",
            "deterministic_algorithms", "init_distributed", "is_main", "rank", "reduce_dict_mean",
            "resolve_device", "seed_everything", "unwrap_model", "world_size"]
@@ -57,9 +59,21 @@ def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     ``cuda:<local_rank>``; anything else as ``torch.device`` reads it."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        return torch.device("cuda", local_rank)
-    return torch.device(device)
+    try:
+        dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device(device)
+    except RuntimeError as e:
+        raise UserError(f"device: {device!r} is not a device ({e})") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = dev.index or 0
+        if index >= count:
+            have = f"only {count} CUDA device(s)" if count else "no CUDA device"
+            raise UserError(f"device: {device!r} (process {local_rank}) asks for "
+                            f"cuda:{index}, but this machine has {have}; use device=cpu "
+                            "or auto")
+    elif dev.type == "mps" and not (torch.backends.mps.is_available()):
+        raise UserError(f"device: {device!r}, but MPS is not available on this machine")
+    return dev
 
 
 def init_distributed(device: str = "auto", backend: str | None = None,

@@ -8,6 +8,7 @@ layout, in this one place. :func:`train_step` trains on one batch.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,8 +23,10 @@ from dinodet.engine.evaluate import AMP_DTYPES
 from dinodet.engine.optim import build_optimizer, build_scheduler, clip_gradients
 from dinodet.loss.criterion import build_criterion
 from dinodet.model.dino import DINO
+from dinodet.weights import CheckpointError, check_keys
 
-__all__ = ["Progress", "StepResult", "TrainState", "train_step", "window_num_boxes"]
+__all__ = ["NonFiniteWeightsError", "Progress", "StepResult", "TrainState", "train_step",
+           "window_num_boxes"]
 
 
 @dataclass
@@ -91,17 +94,79 @@ class TrainState:
             "history": list(p.history),
         }
 
-    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
-        """Continue from :meth:`state_dict`'s output."""
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        if self.ema is not None and ckpt.get("ema") is not None:
-            self.ema.load_state_dict(ckpt["ema"])
+    def load_state_dict(self, ckpt: dict[str, Any], where: str = "checkpoint") -> list[str]:
+        """Continue from :meth:`state_dict`'s output (read from ``where``).
+
+        A file that is not such a checkpoint, or whose model or optimiser does not fit
+        this run's, is a :class:`~dinodet.weights.CheckpointError` naming it and what
+        differs, raised before anything is changed. The optimiser settings of this run
+        (``lr``, ``lr_backbone``, weight decay, betas: the command's) replace the saved
+        ones, while the schedule's position and shape are the checkpoint's. Returns a line
+        per setting that changed so.
+        """
+        _check_resumable(self, ckpt, where)
+        fresh = [{k: v for k, v in g.items() if k not in ("params", "initial_lr")}
+                 for g in self.optimizer.param_groups]
+        base_lrs = list(self.scheduler.base_lrs)
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+            if self.ema is not None and ckpt.get("ema") is not None:
+                self.ema.load_state_dict(ckpt["ema"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"--resume {where} does not fit this run: {first[:300]}"
+                                  ) from e
+        changed = []
+        factor = self.scheduler.lr_lambdas[0]
+        for i, (group, settings) in enumerate(zip(self.optimizer.param_groups, fresh)):
+            name = "lr" if i == 0 else f"lr of parameter group {i}"
+            if not math.isclose(self.scheduler.base_lrs[i], base_lrs[i], rel_tol=1e-9):
+                changed.append(f"{name}: {self.scheduler.base_lrs[i]:g} in the checkpoint, "
+                               f"{base_lrs[i]:g} now")
+            for key, value in settings.items():
+                if key != "lr" and group.get(key) != value:
+                    if key in ("weight_decay", "betas", "eps"):
+                            changed.append(f"{key} of parameter group {i}: {group.get(key)} in "
+                                       f"the checkpoint, {value} now")
+                    group[key] = value
+            group["initial_lr"] = base_lrs[i]
+            group["lr"] = base_lrs[i] * factor(self.scheduler.last_epoch)
+        self.scheduler.base_lrs = base_lrs
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
         self.progress = Progress(ckpt["epoch"], ckpt["step"], ckpt["samples_done"],
                                  list(ckpt.get("skipped_images", [])),
                                  ckpt.get("bad_steps", 0), list(ckpt.get("history", [])))
+        return changed
+
+
+_RESUME_KEYS = ("model", "model_config", "optimizer", "scheduler", "scaler", "epoch", "step",
+                "samples_done")
+
+
+def _check_resumable(state: TrainState, ckpt: Any, where: str) -> None:
+    """Refuse, naming the file, a checkpoint this run cannot continue from."""
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise CheckpointError(
+            f"--resume {where} is not a dinodet training checkpoint (no model, optimizer "
+            "and schedule state); to start from its weights use --init instead")
+    missing = [k for k in _RESUME_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"--resume {where} is not a complete dinodet training "
+                              f"checkpoint: it lacks {', '.join(missing)}; to start from "
+                              "its weights use --init instead")
+    check_keys(state.model.state_dict(), ckpt["model"], f"--resume {where}",
+               "the network of this run (another preset or model setting?)")
+    groups = (ckpt["optimizer"] or {}).get("param_groups") if isinstance(
+        ckpt["optimizer"], dict) else None
+    own = state.optimizer.param_groups
+    if not isinstance(groups, list) or [len(g.get("params", ())) for g in groups] != [
+            len(g["params"]) for g in own]:
+        raise CheckpointError(f"--resume {where}: its optimizer state does not fit this "
+                              "run's parameter groups (the model or which parts train "
+                              "differ)")
 
 
 @dataclass
@@ -167,15 +232,45 @@ def train_step(state: TrainState, batch: Batch, window: int = 1,
         return StepResult(losses, True, False)
     state.backward_in_window = 0
     state.scaler.unscale_(state.optimizer)
-    clip_gradients(state.model, state.clip_max_norm)
+    norm = clip_gradients(state.model, state.clip_max_norm)
+    if not state.scaler.is_enabled():  # fp16's scaler skips non-finite gradients itself
+        if norm is None:
+            norm = _grad_norm(state.model)
+        if not bool(torch.isfinite(norm)):  # the same on every rank: grads are all-reduced
+            state.optimizer.zero_grad(set_to_none=True)
+            state.progress.bad_steps += 1
+            return StepResult(losses, False, False)
     state.scaler.step(state.optimizer)
     state.scaler.update()
     state.optimizer.zero_grad(set_to_none=True)
+    if not _weights_finite(state.model):
+        raise NonFiniteWeightsError(
+            f"the weights became non-finite at optimizer step {state.progress.step + 1} "
+            f"(learning rate {state.optimizer.param_groups[0]['lr']:.3g}); they are not "
+            "saved. Lower optim.lr, then --resume auto from the last good checkpoint")
     state.scheduler.step()
     state.progress.step += 1
     if state.ema is not None:
         state.ema.update(state.model)
     return StepResult(losses, True, True)
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """An optimiser step left NaN or inf in the weights: training cannot go on."""
+
+
+def _grad_norm(model: nn.Module) -> Tensor:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def _weights_finite(model: nn.Module) -> bool:
+    """Whether every parameter is finite: one fused norm per device, one sync."""
+    params = [p.detach() for p in model.parameters()]
+    norms = torch.stack([n.float() for n in torch._foreach_norm(params, float("inf"))])
+    return bool(torch.isfinite(norms).all())
 
 
 def window_num_boxes(batches: list[Batch], device: torch.device) -> float | Tensor:

@@ -9,9 +9,11 @@ leaves the last good checkpoint whole.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
+import os
 import signal
 import time
 import warnings
@@ -27,15 +29,18 @@ from dinodet.data.transforms import build_transforms
 from dinodet.engine import distributed as dist
 from dinodet.engine.checkpoint import (
     CheckpointManager,
+    atomic_write,
     capture_rng_state,
     load_checkpoint,
     restore_rng_state,
 )
 from dinodet.engine.config import TrainConfig
 from dinodet.engine.evaluate import EvalResult, evaluate
-from dinodet.engine.step import TrainState, train_step, window_num_boxes
+from dinodet.engine.rundir import RunDirLock
+from dinodet.engine.step import NonFiniteWeightsError, TrainState, train_step, window_num_boxes
+from dinodet.errors import DataError
 from dinodet.model.dino import DINO
-from dinodet.weights import WeightsChoice, load_initial_weights
+from dinodet.weights import CheckpointError, WeightsChoice, load_initial_weights
 
 
 class TrainingStopped(RuntimeError):
@@ -44,7 +49,11 @@ class TrainingStopped(RuntimeError):
 
 
 class _StopSignal:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after every step."""
+    """Turns SIGINT/SIGTERM into a flag the loop checks after every step (and after
+    every evaluation): the run then saves a checkpoint and ends. A second SIGINT (Ctrl-C
+    twice) does not wait: it raises ``KeyboardInterrupt`` at once, the last checkpoint
+    staying whole. Repeated SIGTERMs change nothing: supervisors (torchrun, SLURM) send
+    one to the group and one to each process."""
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -57,11 +66,20 @@ class _StopSignal:
         return self
 
     def _handle(self, signum: int, _frame: Any) -> None:
-        self.received = signum
+        if self.received is not None and signum == signal.SIGINT:
+            self._restore()
+            raise KeyboardInterrupt("a second SIGINT: stopping without waiting for the "
+                                    "step to end")
+        if self.received is None:
+            self.received = signum
 
-    def __exit__(self, *exc: Any) -> None:
+    def _restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous = {}
+
+    def __exit__(self, *exc: Any) -> None:
+        self._restore()
 
 
 def build_training_model(cfg: TrainConfig, num_classes: int, init: str | None = None,
@@ -154,34 +172,57 @@ def _train(cfg: TrainConfig, resume: str | None, init: str | None, max_steps: in
     info = dist.init_distributed(cfg.device)
     dist.seed_everything(cfg.seed, rank=info.rank)
     out_dir = Path(cfg.out_dir)
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(cfg.to_yaml())
-    log = RunLog(out_dir, cfg.tensorboard and info.is_main)
+    # One run per directory: rank 0 holds the lock (and checks --out) before any work.
+    with RunDirLock(out_dir) if info.is_main else contextlib.nullcontext() as lock:
+        if lock is not None and lock.took_over:
+            held = lock.took_over
+            print(f"{out_dir}: the run that held it (pid {held.get('pid')} on "
+                  f"{held.get('host')}) is gone; continuing in its directory")
+        return _run(cfg, info, out_dir, resume, init, max_steps, progress, init_weights)
 
+
+def _restart_count() -> int:
+    """How often torchrun (``--max-restarts``) has restarted this run's processes."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    except ValueError:
+        return 0
+
+
+def _run(cfg: TrainConfig, info: dist.DistInfo, out_dir: Path, resume: str | None,
+         init: str | None, max_steps: int | None, progress: bool,
+         init_weights: WeightsChoice) -> dict[str, Any]:
     d = cfg.data
     if not (d.train_ann and d.train_images):
-        raise ValueError("training needs data.train_ann and data.train_images")
+        raise DataError("training needs data.train_ann and data.train_images")
+    dataset_options: dict[str, Any] = {"keep_category_ids": d.keep_category_ids, "strict": d.strict,
+                       "max_pixels": d.max_image_pixels,
+                       "allow_outside_image_dir": d.allow_outside_image_dir}
     train_set = CocoDetection(d.train_ann, d.train_images, build_transforms(True, d.transform),
-                              keep_category_ids=d.keep_category_ids, strict=d.strict)
+                              **dataset_options)
     val_set = None
     if d.val_ann and d.val_images:
         val_set = CocoDetection(d.val_ann, d.val_images, build_transforms(False, d.transform),
-                                keep_category_ids=d.keep_category_ids, strict=d.strict)
+                                **dataset_options)
         if val_set.label_to_category_id != train_set.label_to_category_id:
-            raise ValueError(f"the categories of {d.val_ann} differ from those of "
-                             f"{d.train_ann}; both splits must share one category table")
+            raise DataError(f"the categories of {d.val_ann} differ from those of "
+                            f"{d.train_ann}; both splits must share one category table")
+    cfg = _with_data_classes(cfg, train_set)
 
     accumulate = cfg.accumulation(info.world_size)
     total_batch = accumulate * cfg.batch_size * info.world_size
     steps_per_epoch = len(train_set) // total_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_set)} training images are fewer than one "
-                         f"{cfg.describe_batch(info.world_size)}; lower total_batch_size "
-                         "or batch_size")
+        raise DataError(f"{len(train_set)} training images are fewer than one "
+                        f"{cfg.describe_batch(info.world_size)}; lower total_batch_size "
+                        "or batch_size")
     if info.is_main:
         print(f"{cfg.describe_batch(info.world_size)}; {steps_per_epoch} steps per epoch")
     manager = CheckpointManager(out_dir, keep_last=cfg.keep_last)
+    if _restart_count() > 0 and manager.latest() is not None:
+        if info.is_main:
+            print(f"torchrun restart {_restart_count()}: resuming from the newest checkpoint")
+        resume = "auto"
     ckpt_path = manager.resolve_resume(resume)
     model = build_training_model(cfg, train_set.num_classes, init, init_weights,
                                  backbone_weights=ckpt_path is None)
@@ -190,19 +231,39 @@ def _train(cfg: TrainConfig, resume: str | None, init: str | None, max_steps: in
         amp=cfg.amp, ema_decay=cfg.ema_decay if cfg.ema else None)
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path)
-        state.load_state_dict(ckpt)
-        restore_rng_state(ckpt["rng"][info.rank] if info.rank < len(ckpt["rng"])
-                          else ckpt["rng"][0])
+        changed = state.load_state_dict(ckpt, where=str(ckpt_path))
+        rng = ckpt.get("rng") or []
+        if rng:
+            restore_rng_state(rng[info.rank] if info.rank < len(rng) else rng[0])
         if info.is_main:
             print(f"resumed from {ckpt_path} (epoch {state.progress.epoch + 1}, "
                   f"step {state.progress.step})")
+            for line in changed:
+                print(f"  {line}")
+    if info.is_main:  # only now: a failed --resume leaves the run's config as it was
+        atomic_write(out_dir / "config.yaml", lambda f: f.write(cfg.to_yaml().encode()),
+                     what="run config")
+    log = RunLog(out_dir, cfg.tensorboard and info.is_main)
     if info.distributed:
         state.net = nn.parallel.DistributedDataParallel(
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
             find_unused_parameters=True)  # denoising is absent from batches without objects
 
+    run = state.progress
+    skipped_file = out_dir / SKIPPED_FILE
+
+    def gather_skipped() -> list[str]:
+        """Every rank's unreadable images so far, in one sorted list (all ranks call)."""
+        names = sorted({p for part in dist.all_gather_object(run.skipped_images)
+                        for p in part})
+        run.skipped_images = names
+        if info.is_main and names:
+            _write_skipped(skipped_file, names, train_set)
+        return names
+
     def checkpoint(metric: float | None = None) -> Path | None:
         rng = dist.all_gather_object(capture_rng_state())
+        gather_skipped()
         if not info.is_main:
             return None
         return manager.save({**state.state_dict(), "rng": rng, "config": cfg.to_dict(),
@@ -210,19 +271,27 @@ def _train(cfg: TrainConfig, resume: str | None, init: str | None, max_steps: in
                             epoch=state.progress.epoch, step=state.progress.step,
                             metric=metric)
 
-    run = state.progress
     start = time.perf_counter()
     stopped_by: str | None = None
+    saved = False
     last_eval: EvalResult | None = None
     with _StopSignal() as stop:
         while run.epoch < cfg.epochs and stopped_by is None:
             loader = build_loader(train_set, cfg.batch_size, True, d.num_workers, cfg.seed,
                                   info.rank, info.world_size, epoch=run.epoch,
                                   skip_samples=run.samples_done)
+            before = (run.step, run.samples_done, len(run.skipped_images))
             stopped_by = _train_one_epoch(cfg, state, loader, steps_per_epoch, accumulate,
                                           stop, checkpoint, log, info, max_steps, progress)
             if stopped_by is not None:
                 break
+            if (run.step == before[0] and run.samples_done > before[1]
+                    and len(run.skipped_images) > before[2]):  # nothing it read was usable
+                names = gather_skipped()
+                raise DataError(
+                    f"epoch {run.epoch + 1} took no optimizer step: no image of "
+                    f"{d.train_images} could be read ({len(names)} unreadable, listed in "
+                    f"{skipped_file}); fix the images or the annotation file")
             metric = None
             every = cfg.eval_every_epochs
             if val_set is not None and ((every and (run.epoch + 1) % every == 0)
@@ -242,12 +311,17 @@ def _train(cfg: TrainConfig, resume: str | None, init: str | None, max_steps: in
             run.epoch += 1
             run.samples_done = 0
             checkpoint(metric)
-        if stopped_by is not None:  # a signal or max_steps: keep where we are
+            if _any_rank(stop.received is not None, info, state.device):
+                stopped_by = _signal_name(stop)  # during the evaluation: saved just now
+                saved = True
+        if stopped_by is not None and not saved:  # a signal or max_steps: keep where we are
             checkpoint()
 
+    skipped = gather_skipped()
     summary = {
         "epochs": run.epoch, "steps": run.step, "seconds": time.perf_counter() - start,
-        "skipped_images": len(set(run.skipped_images)), "bad_steps": run.bad_steps,
+        "skipped_images": len(skipped), "bad_steps": run.bad_steps,
+        "skipped_images_file": str(skipped_file) if skipped else None,
         "stopped_by": stopped_by, "best_AP": manager.best_metric,
         "metrics": last_eval.metrics if last_eval is not None else None,
         "latest_checkpoint": str(manager.latest()) if info.is_main else None,
@@ -255,9 +329,38 @@ def _train(cfg: TrainConfig, resume: str | None, init: str | None, max_steps: in
     if info.is_main:
         log({"type": "summary", **summary})
         log.close()
-        _print_summary(summary)
+        _print_summary(summary, skipped)
     dist.barrier()  # ranks finish together; a rank leaving alone can abort gloo at exit
     return summary
+
+
+SKIPPED_FILE = "skipped_images.txt"
+"""The run directory's list of unreadable training images, one path per line."""
+
+
+def _write_skipped(path: Path, names: list[str], dataset: CocoDetection) -> None:
+    text = (f"# {len(names)} image(s) of {dataset.ann_file} could not be read and were "
+            "left out of training\n" + "".join(f"{n}\n" for n in names))
+    with contextlib.suppress(CheckpointError):  # a full disk: the checkpoint says it
+        atomic_write(path, lambda f: f.write(text.encode()), what="list of skipped images")
+
+
+def _with_data_classes(cfg: TrainConfig, data: CocoDetection) -> TrainConfig:
+    """``cfg`` with the class count of the data, which the network is built for. A count
+    set on purpose (not the preset's) that disagrees with the data is an error."""
+    from dinodet.config import get_preset
+
+    assert cfg.model is not None
+    given, found = cfg.model.num_classes, data.num_classes
+    if given != found and given != get_preset(cfg.preset).num_classes:
+        raise DataError(f"model.num_classes={given} but {data.ann_file} has {found} "
+                        f"classes{' (by category id)' if data.keep_category_ids else ''}; "
+                        "leave model.num_classes out: it follows the data")
+    return dataclasses.replace(cfg, model=cfg.model.replace(num_classes=found))
+
+
+def _signal_name(stop: _StopSignal) -> str:
+    return f"signal {signal.Signals(stop.received).name if stop.received else 'peer'}"
 
 
 def _train_one_epoch(cfg: TrainConfig, state: TrainState, loader: Any, steps_per_epoch: int,
@@ -288,7 +391,11 @@ def _train_one_epoch(cfg: TrainConfig, state: TrainState, loader: Any, steps_per
             num_boxes = window_num_boxes(window, state.device)
             for i, batch in enumerate(window):
                 run.skipped_images.extend(batch.skipped)
-                result = train_step(state, batch, accumulate, i == accumulate - 1, num_boxes)
+                try:
+                    result = train_step(state, batch, accumulate, i == accumulate - 1,
+                                        num_boxes)
+                except NonFiniteWeightsError as e:
+                    raise TrainingStopped(f"{e} (intact in {cfg.out_dir})") from None
                 images_seen += len(batch)
                 if not result.finite:
                     break
@@ -296,11 +403,13 @@ def _train_one_epoch(cfg: TrainConfig, state: TrainState, loader: Any, steps_per
                 bar.update(1)
             if not result.finite:
                 bad_in_a_row += 1
-                warnings.warn(f"non-finite loss at epoch {run.epoch + 1} step {run.step}: "
-                              f"step skipped ({bad_in_a_row} in a row)", stacklevel=2)
+                warnings.warn(f"non-finite loss or gradient at epoch {run.epoch + 1} step "
+                              f"{run.step}: step skipped ({bad_in_a_row} in a row)",
+                              stacklevel=2)
                 if bad_in_a_row >= cfg.max_bad_steps:
                     raise TrainingStopped(
-                        f"{bad_in_a_row} non-finite losses in a row; stopping. The last "
+                        f"{bad_in_a_row} non-finite losses or gradients in a row (learning "
+                        f"rate {state.optimizer.param_groups[0]['lr']:.3g}); stopping. The last "
                         f"good checkpoint is intact in {cfg.out_dir}: lower the learning "
                         "rate or check the data, then --resume auto")
                 continue
@@ -324,8 +433,7 @@ def _train_one_epoch(cfg: TrainConfig, state: TrainState, loader: Any, steps_per
             if cfg.checkpoint_every_steps and run.step % cfg.checkpoint_every_steps == 0:
                 checkpoint()
             if _any_rank(stop.received is not None, info, state.device):
-                name = signal.Signals(stop.received).name if stop.received else "peer"
-                return f"signal {name}"
+                return _signal_name(stop)
             if max_steps is not None and run.step >= max_steps:
                 return "max_steps"
     finally:
@@ -353,7 +461,7 @@ def _evaluate(cfg: TrainConfig, model: DINO, val_set: CocoDetection,
     return result
 
 
-def _print_summary(summary: dict[str, Any]) -> None:
+def _print_summary(summary: dict[str, Any], skipped: list[str]) -> None:
     rows = [("epochs", summary["epochs"]), ("optimizer steps", summary["steps"]),
             ("time", f"{summary['seconds'] / 60:.1f} min"),
             ("images skipped (unreadable)", summary["skipped_images"]),
@@ -368,3 +476,12 @@ def _print_summary(summary: dict[str, Any]) -> None:
     rows.append(("latest checkpoint", summary["latest_checkpoint"]))
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    if skipped:
+        shown = "\n  ".join(skipped[:_SKIPPED_SHOWN])
+        more = (f"\n  ... and {len(skipped) - _SKIPPED_SHOWN} more"
+                if len(skipped) > _SKIPPED_SHOWN else "")
+        print(f"unreadable images left out (all in {summary['skipped_images_file']}):\n"
+              f"  {shown}{more}")
+
+
+_SKIPPED_SHOWN = 10

@@ -26,6 +26,8 @@ from dinodet.structures import to_device
 
 __all__ = ["HungarianMatcher", "MatchIndices", "autocast_off", "upcast"]
 
+_UNUSABLE = 1e12  # the cost given to NaN / inf entries (real costs are about 1-10)
+
 #: ``(query_idx, target_idx)`` of one image, both int64 on the CPU and equally long.
 MatchIndices = tuple[Tensor, Tensor]
 
@@ -145,6 +147,10 @@ class HungarianMatcher:
         # The one device -> host copy. float64 so that scipy sees exactly the values
         # computed on the device, whatever their dtype.
         host = cost.to("cpu", torch.float64)
+        if not bool(torch.isfinite(host).all()):
+            # Diverged predictions (NaN / inf) still get a matching, so that the loss comes
+            # out non-finite and the training loop skips the step, instead of scipy raising.
+            host = torch.nan_to_num(host, nan=_UNUSABLE, posinf=_UNUSABLE, neginf=-_UNUSABLE)
 
         results: list[list[MatchIndices]] = [[] for _ in predictions]
         for i, n in enumerate(sizes):
