@@ -11,7 +11,7 @@ import pytest
 
 import dinodet
 from dinodet import settings
-from dinodet.config import PRESETS, BackboneConfig, DINOConfig, get_preset
+from dinodet.config import LIMITS, PRESETS, BackboneConfig, DINOConfig, get_preset
 
 
 def test_config_rejects_bad_values_by_name():
@@ -151,3 +151,26 @@ def test_walker_prefix_and_overrides():
     assert settings.parse_value("off", bool) is False
     assert settings.parse_value("null", str | None) is None
     assert settings.parse_value("1.50", str) == "1.50"
+
+
+@pytest.mark.parametrize(("key", "limit"), sorted(LIMITS.items()))
+def test_every_size_is_bounded_by_its_limit(key, limit):
+    with pytest.raises(ValueError, match=rf"^{key}: must be <= {limit}, got {limit + 1}$"):
+        DINOConfig.from_dict({key: limit + 1})
+    DINOConfig.from_dict({key: limit} if key != "num_heads" else
+                         {key: limit, "hidden_dim": limit * 32})
+
+
+def test_the_limits_message_and_generous_values():
+    with pytest.raises(ValueError, match=r"^num_queries: must be <= 100000, got 100000000000$"):
+        DINOConfig(num_queries=10**11)
+    # every preset, and sizes well past the released models', stay within the limits
+    for cfg in PRESETS.values():
+        DINOConfig.from_dict(cfg.to_dict())
+    DINOConfig(num_classes=100_000, num_queries=5000, num_select=5000, hidden_dim=1024,
+               num_heads=16, dim_feedforward=8192, enc_layers=12, dec_layers=12,
+               dn_number=1000)
+    for key, value in (("pe_temperature", float("nan")), ("pe_temperature", 0.0),
+                       ("dn_box_noise_scale", float("inf"))):
+        with pytest.raises(ValueError, match=rf"^{key}: "):
+            DINOConfig.from_dict({key: value})

@@ -199,3 +199,41 @@ def test_very_large_images_are_resized_as_configured(model_dir):
     assert found.boxes[:, 2].max() > 1000  # scaled back to the original pixels
     with pytest.raises(ValueError, match="max_size 50"):
         Detector.from_pretrained(model_dir, max_size=50)
+
+
+@pytest.mark.parametrize(("h", "w"), [(3, 2000), (2000, 3), (1, 500), (1, 1)])
+def test_very_thin_images_are_detected(det, h, w):
+    """The shorter side shrinks to 1 px to keep the longer one near max_size; every
+    stride of the backbone keeps at least one row, so the model still sees the image."""
+    image = np.random.default_rng(h * w).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    found = det(image, threshold=0.0)
+    _check(found, (h, w))
+    assert min(det.resized_size(h, w)) >= 1
+    # in a batch with a normal picture the thin one is padded: the same detections
+    both = det([image, np.zeros((H, W, 3), np.uint8)], threshold=0.0, batch_size=2)
+    _check(both[0], (h, w))
+    _check(both[1], (H, W))
+
+
+def test_detect_files_reports_a_model_failure_per_image(det, rgb, tmp_path, monkeypatch):
+    from dinodet.predict import DetectionError
+
+    files = []
+    for i, width in enumerate((W, W - 7, W)):
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(rgb[:, :width]).save(files[-1])
+    real = Detector.detect_batch
+
+    def fails_on_narrow(self, images, sizes, threshold=0.3):
+        if any(int(s[1]) == W - 7 for s in sizes):
+            raise RuntimeError("CUDA out of memory")
+        return real(self, images, sizes, threshold)
+
+    monkeypatch.setattr(Detector, "detect_batch", fails_on_narrow)
+    found = dict(det.detect_files(files, threshold=0.0, batch_size=2))
+    assert isinstance(found[str(files[1])], DetectionError)
+    assert str(found[str(files[1])]) == (f"detection failed on {files[1]}: RuntimeError: "
+                                         "CUDA out of memory")
+    for i in (0, 2):  # the image sharing the failed batch was detected alone, unpadded
+        _check(found[str(files[i])], (H, W))
+    _same(found[str(files[0])], det(files[0], threshold=0.0))

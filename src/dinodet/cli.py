@@ -3,14 +3,44 @@
 from __future__ import annotations
 
 import argparse
+import math
+import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+
+def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: an integer in [low, high]; argparse names the option."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be an integer {bound}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _fraction(text: str) -> float:
+    """An argparse ``type``: a finite number in [0, 1] (a score threshold)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text}")
+    return value
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from dinodet.weights import from_original, save_pretrained
+    from dinodet.weights import check_output_dir, from_original, save_pretrained
 
+    check_output_dir(args.out_dir, "out_dir")  # before the (slow) read of the checkpoint
     model = from_original(args.checkpoint, args.variant, num_classes=args.num_classes)
     out = save_pretrained(model, args.out_dir, extra={"source": str(args.checkpoint),
                                                       "variant": args.variant})
@@ -78,23 +108,44 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingStopped as e:
         print(f"dinodet train: stopped: {e}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt as e:  # a second signal: no waiting for the step to end
+        print(f"dinodet train: interrupted ({e or 'KeyboardInterrupt'}); the last checkpoint "
+              f"in {cfg.out_dir} is intact: --resume auto continues from it", file=sys.stderr)
+        return 130
     finally:
         cleanup()
-    return 130 if (summary["stopped_by"] or "").startswith("signal") else 0
+    stopped = summary["stopped_by"] or ""
+    if stopped.startswith("signal"):  # 128 + the signal's number, as a shell reports it
+        name = stopped.split()[-1]
+        return 128 + int(getattr(signal.Signals, name, signal.SIGINT)) if name != "peer" \
+            else 128 + int(signal.SIGTERM)
+    return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from dinodet.engine.evaluate import evaluate_checkpoint
+    from dinodet.engine.evaluate import evaluate_checkpoint, write_results
+    from dinodet.weights import check_output_file
 
-    result = evaluate_checkpoint(args.checkpoint, args.ann, args.images, out=args.out,
+    _check_sizes(args.eval_size, args.max_size, "--eval-size")
+    if args.out:  # before the model is loaded and the images evaluated
+        check_output_file(args.out, "--out")
+    result = evaluate_checkpoint(args.checkpoint, args.ann, args.images, out=None,
                                  variant=args.variant, batch_size=args.batch_size,
                                  eval_size=args.eval_size, max_size=args.max_size,
                                  keep_category_ids=args.keep_category_ids,
                                  num_workers=args.workers, weights=args.weights)
-    print(result.format_table())
+    print(result.format_table(), flush=True)  # the metrics, whatever happens to --out
     if args.out:
+        write_results(args.out, result.detections or [])
         print(f"wrote detections to {args.out}")
     return 0
+
+
+def _check_sizes(size: int | None, max_size: int | None, size_option: str) -> None:
+    from dinodet.errors import UserError
+
+    if size is not None and max_size is not None and max_size < size:
+        raise UserError(f"--max-size {max_size} is smaller than {size_option} {size}")
 
 
 def _plot(args: argparse.Namespace) -> int:
@@ -129,70 +180,127 @@ def _predict_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
     return files, missing
 
 
+def _refuse_inputs_in(out: str, files: Sequence[str]) -> None:
+    """The annotated copies and detections.json go straight into ``out``: refuse a folder
+    that holds an input image, so that no output can ever land on one."""
+    import os
+    from pathlib import Path
+
+    from dinodet.errors import UserError
+
+    if not Path(out).is_dir():
+        return  # created by this run: it holds nothing yet
+    inside = []
+    for file in files:
+        try:
+            if os.path.samefile(Path(file).parent, out):
+                inside.append(file)
+        except OSError:
+            continue
+    if inside:
+        more = f" and {len(inside) - 1} more" if len(inside) > 1 else ""
+        raise UserError(f"--out {out} holds input images ({inside[0]}{more}): the annotated "
+                        "copies and detections.json would be written among them; give "
+                        "another --out folder")
+
+
 def _predict(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
     from tqdm import tqdm
 
-    from dinodet.predict import Detector, ImageReadError, load_image
+    from dinodet.engine.checkpoint import atomic_write
+    from dinodet.errors import UserError
+    from dinodet.predict import Detections, Detector, ImageReadError, load_image
     from dinodet.visualize import save_detections
+    from dinodet.weights import check_output_dir
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    _check_sizes(args.size, args.max_size, "--size")
     files, missing = _predict_inputs(args.inputs)
     for item in missing:
         print(f"dinodet predict: no image found at {item}", file=sys.stderr)
+    if not files:
+        raise UserError(f"no image to detect in {', '.join(args.inputs)}")
+    # Where the results go is checked before the (slow) model is loaded.
+    check_output_dir(args.out, "--out")
+    _refuse_inputs_in(args.out, files)
     detector = Detector.from_pretrained(args.checkpoint, variant=args.variant,
                                         eval_size=args.size, max_size=args.max_size,
                                         weights=args.weights)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    records, failed, used = [], list(missing), set()
+    records: list[dict] = []
+    failed, used = list(missing), set()
     bar = tqdm(total=len(files), unit="image", disable=len(files) <= 4 or args.no_progress)
-    for file, det in detector.detect_files(files, args.threshold, args.batch_size,
-                                           args.workers):
-        bar.update(1)
-        if isinstance(det, ImageReadError):
-            failed.append(file)
-            bar.write(f"dinodet predict: skipped: {det}", file=sys.stderr)
-            continue
-        name = Path(file).stem
-        n = 1
-        while name in used:
-            n += 1
-            name = f"{Path(file).stem}_{n}"
-        used.add(name)
-        save_detections(out / f"{name}.png", load_image(file), det.boxes, det.labels,
-                        det.scores, det.class_names)
-        records.append({
-            "file": file, "output": f"{name}.png",
-            "width": det.image_size[1], "height": det.image_size[0],
-            "detections": [{"box": box, "score": score, "label": label, "name": cls}
-                           for box, score, label, cls in zip(
-                               det.boxes.tolist(), det.scores.tolist(),
-                               det.labels.tolist(), det.names)],
-        })
-    bar.close()
-    (out / "detections.json").write_text(json.dumps(records, indent=1))
+    finished = False
+    try:
+        for file, det in detector.detect_files(files, args.threshold, args.batch_size,
+                                               args.workers):
+            bar.update(1)
+            if not isinstance(det, Detections):  # unreadable, or the model failed on it
+                failed.append(file)
+                bar.write(f"dinodet predict: skipped: {det}", file=sys.stderr)
+                continue
+            name = Path(file).stem
+            n = 1
+            while name in used:
+                n += 1
+                name = f"{Path(file).stem}_{n}"
+            try:
+                image = load_image(file)
+            except ImageReadError as e:  # changed since it was detected
+                failed.append(file)
+                bar.write(f"dinodet predict: skipped: {e}", file=sys.stderr)
+                continue
+            used.add(name)
+            save_detections(out / f"{name}.png", image, det.boxes, det.labels, det.scores,
+                            det.class_names)
+            records.append({
+                "file": file, "output": f"{name}.png",
+                "width": det.image_size[1], "height": det.image_size[0],
+                "detections": [{"box": box, "score": score, "label": label, "name": cls}
+                               for box, score, label, cls in zip(
+                                   det.boxes.tolist(), det.scores.tolist(),
+                                   det.labels.tolist(), det.names)],
+            })
+        finished = True
+    finally:
+        bar.close()
+        # The images done are recorded even when a later one stops the run.
+        text = json.dumps(records, indent=1).encode()
+        try:
+            atomic_write(out / "detections.json", lambda f: f.write(text), what="detections")
+        except Exception as e:
+            if finished:
+                raise
+            print(f"dinodet predict: {e}", file=sys.stderr)
     print(f"{len(records)} image(s) -> {out}" + (f"; {len(failed)} failed" if failed else ""))
     return 2 if failed else 0
 
 
 def _export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     import torch
 
     from dinodet.export import compare_detections, export_model, run_exported
-    from dinodet.weights import load_model
+    from dinodet.weights import check_output_file, load_model
 
+    suffix = ".onnx" if args.format == "onnx" else ".pt2"
+    if args.out:
+        out = Path(args.out)
+    else:  # next to the checkpoint: runs/x/best.pt -> runs/x/best.onnx, models/m -> m.onnx
+        source = Path(args.checkpoint)
+        out = (source.with_name(source.name + suffix) if source.is_dir() or not source.suffix
+               else source.with_suffix(suffix))
+    check_output_file(out, "--out" if args.out else "output file")  # before the slow part
     loaded = load_model(args.checkpoint, args.variant, args.weights)
     eval_size = loaded.transform.size
     if args.size:
         height, width = args.size
     else:  # the model's usual input: a 4:3 image resized to its evaluation size
         height, width = eval_size, -(-eval_size * 4 // 3 // 32) * 32
-    suffix = ".onnx" if args.format == "onnx" else ".pt2"
-    out = args.out or str(args.checkpoint).rstrip("/").rsplit(".", 1)[0] + suffix
     start = time.perf_counter()
     path = export_model(loaded.model, out, args.format, example_size=(height, width),
                         dynamic=not args.static, opset=args.opset, classes=loaded.classes,
@@ -233,7 +341,10 @@ def _model_source(p: argparse.ArgumentParser, name: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dinodet.config import PRESETS
+    from dinodet.config import LIMITS, MAX_EVAL_MAX_SIZE, MAX_EVAL_SIZE, MIN_EVAL_SIZE, PRESETS
+
+    eval_size = _int_in(MIN_EVAL_SIZE, MAX_EVAL_SIZE)
+    eval_max_size = _int_in(MIN_EVAL_SIZE, MAX_EVAL_MAX_SIZE)
 
     parser = argparse.ArgumentParser(
         prog="dinodet", description="DINO object detection: convert, train, evaluate, predict.")
@@ -245,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="released checkpoint, e.g. checkpoint0011_4scale.pth")
     p.add_argument("out_dir", help="directory to write model.safetensors and config.json")
     p.add_argument("--variant", required=True, choices=sorted(PRESETS))
-    p.add_argument("--num-classes", type=int, default=None,
+    p.add_argument("--num-classes", type=_int_in(1, LIMITS["num_classes"]), default=None,
                    help="re-initialise the class heads for this many classes (fine-tuning)")
     p.set_defaults(func=_convert)
 
@@ -287,17 +398,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ann", required=True, help="COCO annotation json")
     p.add_argument("--images", required=True, help="image folder")
     p.add_argument("--out", help="write detections here (COCO results json)")
-    p.add_argument("--batch-size", type=int, default=1,
+    p.add_argument("--batch-size", type=_int_in(1), default=1,
                    help="images per forward pass; 1 (default) as the paper, where padding "
                         "cannot change the detections")
-    p.add_argument("--max-size", type=int, default=None,
+    p.add_argument("--max-size", type=eval_max_size, default=None,
                    help="cap on the longer side (default: the checkpoint's, or 1333/800 of "
-                        "--eval-size)")
-    p.add_argument("--eval-size", type=int, default=None, help="shorter side (default: "
-                   "the checkpoint's training setting, else 800)")
+                        f"--eval-size; {MIN_EVAL_SIZE} to {MAX_EVAL_MAX_SIZE})")
+    p.add_argument("--eval-size", type=eval_size, default=None, help="shorter side (default: "
+                   f"the checkpoint's training setting, else 800; {MIN_EVAL_SIZE} to "
+                   f"{MAX_EVAL_SIZE})")
     p.add_argument("--keep-category-ids", action="store_true",
                    help="class index = category id (original DINO checkpoints on COCO)")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=_int_in(0), default=2, help="image-reading processes")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("plot", help="draw loss and AP curves of a run to PNG")
@@ -306,30 +418,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train cpu-small on synthetic data, evaluate, draw results")
     p.add_argument("--out", default="runs/demo", help="where data, run and images go")
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--epochs", type=_int_in(1), default=None)
     p.add_argument("--detect-only", action="store_true",
                    help="only build a model and detect on one generated image")
     p.add_argument("--variant", default="r50-4scale", choices=sorted(PRESETS))
     p.add_argument("--weights", default=None, help="a directory written by `dinodet convert`")
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--width", type=int, default=640)
-    p.add_argument("--top", type=int, default=10, help="detections to print")
+    p.add_argument("--height", type=eval_size, default=480)
+    p.add_argument("--width", type=eval_size, default=640)
+    p.add_argument("--top", type=_int_in(0), default=10, help="detections to print")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("predict", help="detect objects in images, write annotated copies + JSON")
     _model_source(p, "checkpoint")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or globs")
-    p.add_argument("--out", required=True, help="folder for annotated PNGs and detections.json")
-    p.add_argument("--threshold", type=float, default=0.3, help="minimum score to keep")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--size", type=int, default=None,
+    p.add_argument("--out", required=True,
+                   help="folder for annotated PNGs and detections.json (not one holding "
+                        "input images)")
+    p.add_argument("--threshold", type=_fraction, default=0.3,
+                   help="minimum score to keep, in [0, 1]")
+    p.add_argument("--batch-size", type=_int_in(1), default=4)
+    p.add_argument("--size", type=eval_size, default=None,
                    help="resize the shorter side to this (default: the checkpoint's "
-                        "evaluation size, else 800)")
-    p.add_argument("--max-size", type=int, default=None,
+                        f"evaluation size, else 800; {MIN_EVAL_SIZE} to {MAX_EVAL_SIZE})")
+    p.add_argument("--max-size", type=eval_max_size, default=None,
                    help="cap on the longer side after resizing (default: the checkpoint's, "
-                        "or 1333/800 of --size)")
-    p.add_argument("--workers", type=int, default=0, help="image-reading processes")
+                        f"or 1333/800 of --size; {MIN_EVAL_SIZE} to {MAX_EVAL_MAX_SIZE})")
+    p.add_argument("--workers", type=_int_in(0), default=0, help="image-reading processes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_predict)
 
@@ -338,11 +453,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="onnx", choices=["onnx", "torch-export"])
     p.add_argument("--out", help="file to write (default: next to the checkpoint, "
                                  ".onnx or .pt2)")
-    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
-                   help="example input traced (default: the evaluation size, 4:3)")
+    p.add_argument("--size", type=_int_in(64, MAX_EVAL_MAX_SIZE), nargs=2, metavar=("H", "W"),
+                   help="example input traced (default: the evaluation size, 4:3; each side "
+                        "at least 64)")
     p.add_argument("--static", action="store_true",
                    help="fix batch 2 and the example size instead of dynamic axes")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17)")
+    p.add_argument("--opset", type=_int_in(17), default=18, help="ONNX opset (>= 17)")
     p.add_argument("--verify", action="store_true",
                    help="run the file (onnxruntime / torch.export.load) and compare it with "
                         "PyTorch on random images")

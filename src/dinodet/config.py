@@ -7,6 +7,7 @@ types and choices are checked by the annotations, checks between values in ``__p
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -17,6 +18,36 @@ BackboneName = Literal["resnet18", "resnet34", "resnet50", "resnet101", "swin_l_
 DenoisingMode = Literal["contrastive", "positives_only", "off"]
 QuerySelection = Literal["mixed", "pure", "static"]
 AttentionBackend = Literal["auto", "triton", "torch"]
+
+#: Upper bounds of :class:`DINOConfig`'s sizes. A config comes from files (a model
+#: directory's ``config.json``, a checkpoint) that a user may have from anywhere, and every
+#: one of these sizes allocates: the bounds are checked before a model is built, so a
+#: mistyped or hostile file is an error naming the key instead of an allocation without
+#: limit. They are generous: the released DINO models use 91 classes, 900 queries, 300
+#: selected, width 256, FFN 2048, 6 + 6 layers, 8 heads, 4 points, 4-5 levels, 100
+#: denoising groups.
+LIMITS: dict[str, int] = {
+    "num_classes": 100_000,
+    "num_queries": 100_000,
+    "num_select": 100_000,
+    "hidden_dim": 4096,
+    "dim_feedforward": 65_536,
+    "enc_layers": 64,
+    "dec_layers": 64,
+    "num_heads": 128,
+    "enc_points": 64,
+    "dec_points": 64,
+    "num_feature_levels": 8,
+    "dn_number": 10_000,
+    "dn_labelbook_size": 100_000,
+}
+
+#: Bounds of an evaluation resize (shorter side, longer-side cap), given on the command line
+#: (``--size``, ``--max-size``) or stored with a model: below 32 px a model sees almost
+#: nothing; above these, one image would need gigabytes.
+MIN_EVAL_SIZE = 32
+MAX_EVAL_SIZE = 10_000
+MAX_EVAL_MAX_SIZE = 20_000
 
 
 @dataclass
@@ -62,7 +93,8 @@ class BackboneConfig:
 
 @dataclass
 class DINOConfig:
-    """Everything that shapes the network (training options live elsewhere)."""
+    """Everything that shapes the network (training options live elsewhere). Every size is
+    at least 1 and at most its :data:`LIMITS` entry."""
 
     num_classes: int = 91
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -102,6 +134,14 @@ class DINOConfig:
         for key in ("num_classes", "hidden_dim", "num_heads", "enc_layers", "dec_layers",
                     "dim_feedforward", "enc_points", "dec_points", "num_queries", "num_select"):
             require(getattr(self, key) >= 1, key, getattr(self, key), "must be a positive integer")
+        for key, limit in LIMITS.items():
+            value = getattr(self, key)
+            if value is not None and value > limit:
+                raise ValueError(f"{key}: must be <= {limit}, got {value}")
+        require(math.isfinite(self.pe_temperature) and self.pe_temperature > 0,
+                "pe_temperature", self.pe_temperature, "must be a finite number > 0")
+        require(math.isfinite(self.dn_box_noise_scale), "dn_box_noise_scale",
+                self.dn_box_noise_scale, "must be finite")
         require(self.hidden_dim % self.num_heads == 0, "hidden_dim", self.hidden_dim,
                 f"not divisible by num_heads={self.num_heads}")
         require(self.hidden_dim % 32 == 0, "hidden_dim", self.hidden_dim,

@@ -12,8 +12,13 @@ table and the transform's metadata travel in the file (ONNX ``metadata_props`` k
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import tempfile
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +93,12 @@ def export_model(model: nn.Module, out: str | Path, fmt: str = "onnx", *,
             transform's mean and std normalise inside the graph, its sizes tell a runtime
             how to resize (:meth:`EvalTransform.from_metadata`).
     Returns:
-        The path written.
+        The path written. It is written atomically (into a temporary folder of a unique name
+        beside it, then moved), and checked before any tracing
+        (:func:`~dinodet.weights.check_output_file`); a failed export leaves nothing behind.
     """
+    from dinodet.weights import check_output_file
+
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of "
                          f"{', '.join(EXPORT_FORMATS)}")
@@ -99,8 +108,7 @@ def export_model(model: nn.Module, out: str | Path, fmt: str = "onnx", *,
     if min(height, width) < 64 or batch_size < 1:
         raise ValueError(f"example batch {batch_size} of {height}x{width} is too small "
                          "(at least 1 image of 64x64)")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = check_output_file(out, "export file")
     transform = transform or EvalTransform()
     graph = ExportGraph(model, num_select, transform).eval()
     param = next(model.parameters())
@@ -116,15 +124,41 @@ def export_model(model: nn.Module, out: str | Path, fmt: str = "onnx", *,
     with torch.no_grad():
         if fmt == "torch-export":
             program = torch.export.export(graph, (example,), dynamic_shapes=dims)
-            tmp = out.with_name(out.name + ".tmp")
-            with warnings.catch_warnings():  # weights shared by the layers' heads
-                warnings.filterwarnings("ignore", "No complete tensor found")
-                torch.export.save(program, tmp,
-                                  extra_files={f"{METADATA_KEY}.json": json.dumps(meta)})
-            tmp.replace(out)
+
+            def save(path: Path) -> None:
+                with warnings.catch_warnings():  # weights shared by the layers' heads
+                    warnings.filterwarnings("ignore", "No complete tensor found")
+                    torch.export.save(program, path,
+                                      extra_files={f"{METADATA_KEY}.json": json.dumps(meta)})
+
+            _write_beside(out, save)
         else:
             _export_onnx(graph, example, dims, opset, out, meta)
     return out
+
+
+def _write_beside(out: Path, save: Callable[[Path], None]) -> None:
+    """``save(path)`` into a fresh temporary folder beside ``out`` (a unique name, made by
+    ``mkdtemp``), with ``out``'s own name, then every file it made moved next to ``out``:
+    ``out`` itself last, each by ``os.replace``. The folder goes, whatever happens; a reader
+    never sees half a file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _temporary_folder(out) as folder:
+        save(folder / out.name)
+        made = sorted(folder.iterdir(), key=lambda f: f.name == out.name)
+        if not made or made[-1].name != out.name:
+            raise RuntimeError(f"the exporter wrote no {out.name}")
+        for file in made:  # side files (ONNX external data) first, then the model
+            os.replace(file, out.parent / file.name)
+
+
+@contextlib.contextmanager
+def _temporary_folder(out: Path) -> Iterator[Path]:
+    folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _export_onnx(graph: ExportGraph, example: Tensor, dims: dict | None, opset: int,
@@ -141,9 +175,9 @@ def _export_onnx(graph: ExportGraph, example: Tensor, dims: dict | None, opset: 
     if program is None:  # pragma: no cover - the TorchScript exporter returns nothing
         raise RuntimeError("torch.onnx.export returned no program")
     program.model.metadata_props[METADATA_KEY] = json.dumps(meta)
-    tmp = out.with_name(out.name + ".tmp")
-    program.save(tmp)
-    tmp.replace(out)
+    # Weights of a model over 2 GB go to a side file named after the model; writing under
+    # out's own name in a temporary folder keeps that reference right once moved.
+    _write_beside(out, lambda path: program.save(path))
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

@@ -17,10 +17,22 @@ from dinodet.data.coco import SkippedImage
 from dinodet.data.images import IMAGE_EXTENSIONS, ImageInput, ImageReadError, load_image
 from dinodet.data.transforms import EvalTransform
 from dinodet.structures import ImageBatch
-from dinodet.weights import WeightsChoice, load_model
+from dinodet.weights import WeightsChoice, check_classes, load_model
 
-__all__ = ["IMAGE_EXTENSIONS", "Detections", "Detector", "ImageFiles", "ImageReadError",
-           "load_image"]
+__all__ = ["IMAGE_EXTENSIONS", "DetectionError", "Detections", "Detector", "ImageFiles",
+           "ImageReadError", "load_image"]
+
+
+class DetectionError(RuntimeError):
+    """The model failed on one image file; the message names the file and the error. The
+    other images of its batch are detected one by one (:meth:`Detector.detect_files`)."""
+
+    def __init__(self, file: str, error: BaseException) -> None:
+        reason = str(error).strip().splitlines()
+        detail = f"{type(error).__name__}: {reason[0]}" if reason else type(error).__name__
+        super().__init__(f"detection failed on {file}: {detail}")
+        self.file = file
+
 
 @dataclass
 class Detections:
@@ -101,15 +113,17 @@ class Detector:
                              ">= eval_size")
         self.num_select = int(getattr(getattr(model, "cfg", None), "num_select", 300))
         num_classes = int(getattr(getattr(model, "cfg", None), "num_classes", 0))
-        self.class_names = [str(i) for i in range(num_classes)]
+        # The table names the model's classes, never more: a label outside them (or of a
+        # model without a config, outside the table's own length) is an error.
+        table = check_classes(list(classes) if classes else None,
+                              num_classes or len(classes or []), "Detector classes",
+                              complete=False)
+        self.class_names = [str(i) for i in range(num_classes or len(table or []))]
         self.label_to_category_id: dict[int, int] | None = None
-        if classes:
+        if table:
             self.label_to_category_id = {}
-            for c in classes:
-                label = int(c["label"])
-                if label >= len(self.class_names):
-                    self.class_names += [str(i) for i in range(len(self.class_names),
-                                                               label + 1)]
+            for c in table:
+                label = c["label"]
                 self.class_names[label] = str(c.get("name", label))
                 self.label_to_category_id[label] = int(c.get("category_id", label))
 
@@ -150,21 +164,45 @@ class Detector:
 
     def detect_files(self, files: Sequence[str | Path], threshold: float = 0.3,
                      batch_size: int = 4, num_workers: int = 0
-                     ) -> Iterator[tuple[str, Detections | ImageReadError]]:
+                     ) -> Iterator[tuple[str, Detections | ImageReadError | DetectionError]]:
         """(file, Detections) for every image file, in order, read and transformed by
         ``num_workers`` loader processes; an unreadable file yields (file,
-        ImageReadError), before the others of its batch, and the others go on."""
+        ImageReadError), before the others of its batch, and the others go on. Where the
+        model fails on a batch, its images are detected one by one, and the one that fails
+        alone yields (file, :class:`DetectionError`)."""
         from dinodet.data.collate import build_loader
 
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         loader = build_loader(ImageFiles(files, self.transform), batch_size, train=False,
                               num_workers=num_workers)
         for batch in loader:
             for skipped in batch.skipped:  # read again here for the reason (workers drop it)
                 yield skipped, _read_error(skipped)
-            found = (self.detect_batch(batch.images, [t["orig_size"] for t in batch.targets],
-                                       threshold) if batch.targets else [])
+            if not batch.targets:
+                continue
+            found: Sequence[Detections | DetectionError]
+            try:
+                found = self.detect_batch(batch.images,
+                                          [t["orig_size"] for t in batch.targets], threshold)
+            except Exception as e:  # find the image at fault; the others still count
+                found = (self._one_by_one(batch.images, batch.targets, threshold)
+                         if len(batch.targets) > 1 else [DetectionError(
+                             batch.targets[0]["file"], e)])
             for target, detections in zip(batch.targets, found):
                 yield target["file"], detections
+
+    def _one_by_one(self, images: ImageBatch, targets: Sequence[dict[str, Any]],
+                    threshold: float) -> list[Detections | DetectionError]:
+        results: list[Detections | DetectionError] = []
+        for i, target in enumerate(targets):
+            h, w = target["size"]
+            alone = ImageBatch.unpadded(images.tensors[i:i + 1, :, :h, :w])
+            try:
+                results += self.detect_batch(alone, [target["orig_size"]], threshold)
+            except Exception as e:
+                results.append(DetectionError(target["file"], e))
+        return results
 
     @torch.inference_mode()
     def detect_batch(self, images: ImageBatch, sizes: Sequence[tuple[int, int]],
@@ -202,8 +240,9 @@ def _read_error(file: str) -> ImageReadError:
 
 class ImageFiles(Dataset):
     """Image files as a dataset for :func:`~dinodet.data.build_loader`: item ``i`` is
-    ``(transformed image, {"orig_size": (h, w), "file": path})`` as the COCO dataset's
-    samples are, or a :class:`~dinodet.data.SkippedImage` for a file that cannot be read."""
+    ``(transformed image, {"orig_size": (h, w), "size": (h, w) transformed, "file": path})``
+    as the COCO dataset's samples are, or a :class:`~dinodet.data.SkippedImage` for a file
+    that cannot be read."""
 
     def __init__(self, files: Sequence[str | Path], transform: EvalTransform) -> None:
         self.files = [str(f) for f in files]
@@ -218,4 +257,7 @@ class ImageFiles(Dataset):
         except ImageReadError as e:
             return SkippedImage(self.files[i], str(e))
         size = (int(image.shape[1]), int(image.shape[2]))
-        return self.transform(image), {"orig_size": size, "file": self.files[i]}
+        resized = self.transform(image)
+        return resized, {"orig_size": size, "size": (int(resized.shape[1]),
+                                                     int(resized.shape[2])),
+                         "file": self.files[i]}

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import colorsys
+import contextlib
+import os
+import secrets
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -48,7 +51,22 @@ def draw_detections(image: Tensor | Image.Image, boxes: Tensor, labels: Tensor, 
 def save_detections(path: str | Path, image: Tensor | Image.Image, boxes: Tensor,
                     labels: Tensor, scores: Tensor, class_names: Sequence[str] | None = None
                     ) -> Path:
+    """Write :func:`draw_detections`' copy to ``path`` (format by its suffix), atomically: a
+    temporary file beside it, then ``os.replace``, so that ``path`` is never half written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    draw_detections(image, boxes, labels, scores, class_names).save(path)
+    drawn = draw_detections(image, boxes, labels, scores, class_names)
+    # A unique name (O_EXCL) with the usual permissions (0o666 less the umask; mkstemp's
+    # would be 0o600).
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            drawn.save(f, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return path

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import pickle
 import re
 import warnings
@@ -27,16 +29,16 @@ import torch
 from torch import Tensor, nn
 
 from dinodet.data.transforms import EvalTransform
-from dinodet.errors import UserError
+from dinodet.errors import RunDirError, UserError
 
 if TYPE_CHECKING:
     from dinodet.config import DINOConfig
     from dinodet.model.dino import DINO
 
-__all__ = ["CheckpointError", "CheckpointNotFoundError", "LoadedModel", "Weights", "check_keys",
-           "from_original", "load_backbone_weights", "load_initial_weights", "load_into",
-           "load_model", "load_pretrained", "open_weights", "read_torch_file",
-           "save_pretrained"]
+__all__ = ["CheckpointError", "CheckpointNotFoundError", "LoadedModel", "Weights", "check_classes",
+           "check_keys", "check_output_dir", "check_output_file", "from_original",
+           "load_backbone_weights", "load_initial_weights", "load_into", "load_model",
+           "load_pretrained", "open_weights", "read_torch_file", "save_pretrained"]
 
 WeightsChoice = Literal["ema", "raw"]
 
@@ -58,10 +60,53 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a file may hold anything, of any size)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+# Advice in torch's weights-only messages that dinodet must not pass on: it tells the user
+# to unpickle the file anyway (``weights_only=False``) or to allowlist what it holds.
+_TORCH_ADVICE = ("weights_only", "weights only", "likely succeed", "safe_globals",
+                 "allowlist", "trust", "file an issue", "documentation of torch.load")
+
+
+def _refusal(e: pickle.UnpicklingError) -> tuple[str, str] | None:
+    """What torch's weights-only unpickler refused in a file: ("global", its dotted name)
+    for a class or function (what a pickle of a Python object holds), ("object", what)
+    for another construct it does not build; None when the file is damaged instead."""
+    text = str(e)
+    found = re.search(r"GLOBAL ([\w.<>]+)", text)
+    if found:
+        return "global", found.group(1)
+    for pattern in (r"Can only create new object .* but got (.+)",
+                    r"Can only build .*, but got (.+)", r"Trying to call reduce for (\S+)"):
+        found = re.search(pattern, text)
+        if found:
+            return "object", found.group(1).strip().rstrip(".")
+    return None
+
+
+def _unpickler_detail(e: pickle.UnpicklingError) -> str:
+    """The unpickler's own complaint (e.g. ``Unsupported operand 149``), without torch's
+    advice around it."""
+    for line in str(e).splitlines():
+        line = line.strip().removeprefix("WeightsUnpickler error:").strip()
+        if line and not any(word in line.lower() for word in _TORCH_ADVICE):
+            return line
+    return type(e).__name__
+
+
 def read_torch_file(path: str | Path, what: str = "checkpoint",
                     map_location: str | torch.device = "cpu") -> Any:
     """``torch.load(path, weights_only=True)`` (``argparse.Namespace`` allowed: released
-    checkpoints hold one); any failure is a :class:`CheckpointError` naming the file."""
+    checkpoints hold one); any failure is a :class:`CheckpointError` naming the file.
+
+    A file holding pickled Python objects (an instance of some class, a function) is
+    refused, naming the class: unpickling one runs code, so dinodet never does, and the
+    message says so instead of torch's advice to load the file without ``weights_only``.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointNotFoundError(f"{what} not found: {path} does not exist")
@@ -71,14 +116,19 @@ def read_torch_file(path: str | Path, what: str = "checkpoint",
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower() or "unsupported global" in str(e).lower():
-            detail = next((line.strip() for line in str(e).splitlines()
-                           if "Unsupported" in line or "GLOBAL" in line), _first_line(e))
+        refused = _refusal(e)
+        if refused is not None:
+            kind, name = refused
+            held = (f"a pickled {name} (a Python class or function)" if kind == "global"
+                    else f"a pickled object it does not build ({name})")
             raise CheckpointError(
-                f"{what} {path} holds objects that are not allowed to be unpickled "
-                f"({detail}); dinodet only loads tensors, plain data and "
-                "argparse.Namespace") from e
-        raise CheckpointError(f"{what} {path} is truncated or corrupt: {_first_line(e)}") from e
+                f"{what} {path} was refused: it holds {held}, and such objects are not "
+                "allowed to be unpickled: dinodet reads only tensors, plain data (numbers, "
+                "strings, lists, dicts) and argparse.Namespace from a torch file, because "
+                "unpickling anything else can run code; save the weights as a state dict "
+                "of tensors") from None
+        raise CheckpointError(f"{what} {path} is truncated or corrupt: "
+                              f"{_unpickler_detail(e)}") from None
     except OSError as e:
         raise CheckpointError(f"cannot read {what} {path}: {e.strerror or e}") from e
     except Exception as e:  # a damaged file fails in many ways (EOFError, KeyError, ...)
@@ -147,18 +197,162 @@ class Weights:
         return f"{self.kind} {self.path} ({'EMA' if self.which == 'ema' else 'raw'} weights)"
 
 
-def _run_transform(config: Mapping[str, Any]) -> EvalTransform:
+def _run_transform(config: Any, where: str) -> EvalTransform:
     """The evaluation transform of a run's config (older runs kept the sizes in ``data``)."""
+    if not isinstance(config, Mapping):
+        raise CheckpointError(f"{where}: 'config' must be a mapping, got {_short(config)}")
     data = config.get("data") or {}
-    return EvalTransform.from_metadata(data.get("transform") or data)
+    if not isinstance(data, Mapping):
+        raise CheckpointError(f"{where}: 'config.data' must be a mapping, got {_short(data)}")
+    meta = data.get("transform") or data
+    return _eval_transform(meta, where, "config.data.transform." if data.get("transform")
+                           else "config.data.")
 
 
-def _config(data: Mapping[str, Any]) -> DINOConfig:
-    """A stored model config. The attention backend is where the model runs, not part of
-    the weights: a file saved with "triton" opens without triton (env var, else auto)."""
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _eval_transform(meta: Any, where: str, prefix: str = "") -> EvalTransform:
+    """The :class:`EvalTransform` stored with a model, every value checked first: sizes
+    are integers within :data:`dinodet.config.MAX_EVAL_SIZE` /
+    :data:`~dinodet.config.MAX_EVAL_MAX_SIZE` (a file asking for a 10^9-pixel resize is an
+    error, not an allocation), mean and std three finite numbers (std > 0)."""
+    from dinodet.config import MAX_EVAL_MAX_SIZE, MAX_EVAL_SIZE
+
+    if not isinstance(meta, Mapping):
+        raise CheckpointError(f"{where}: the transform settings must be a mapping, got "
+                              f"{_short(meta)}")
+    for key, limit in (("eval_size", MAX_EVAL_SIZE), ("max_size", MAX_EVAL_MAX_SIZE)):
+        value = meta.get(key)
+        if value is not None and not (_is_int(value) and 1 <= value <= limit):
+            raise CheckpointError(f"{where}: {prefix}{key} must be an integer in [1, {limit}] "
+                                  f"(or null), got {_short(value)}")
+    for key in ("mean", "std"):
+        value = meta.get(key)
+        if value is None:
+            continue
+        if not (isinstance(value, (list, tuple)) and len(value) == 3
+                and all(_is_number(v) and math.isfinite(v) for v in value)
+                and (key == "mean" or all(v > 0 for v in value))):
+            raise CheckpointError(f"{where}: {prefix}{key} must be 3 finite numbers"
+                                  f"{' > 0' if key == 'std' else ''}, got {_short(value)}")
+    try:
+        return EvalTransform.from_metadata(dict(meta))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: {prefix.rstrip('.') or 'transform'}: {e}") from None
+
+
+def _config(data: Any, where: str, key: str) -> DINOConfig:
+    """A stored model config, checked (types, ranges, :data:`dinodet.config.LIMITS`) before
+    anything is built; errors name ``where`` and the key. The attention backend is where
+    the model runs, not part of the weights: a file saved with "triton" opens without
+    triton (env var, else auto)."""
     from dinodet.config import DINOConfig
 
-    return DINOConfig.from_dict({**data, "attention_backend": None})
+    if not isinstance(data, Mapping):
+        raise CheckpointError(f"{where}: '{key}' must be a mapping of model settings, got "
+                              f"{_short(data)}")
+    try:
+        return DINOConfig.from_dict({**data, "attention_backend": None})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: {key}.{e}") from None
+
+
+def check_classes(classes: Any, num_classes: int, where: str, complete: bool = True
+                  ) -> list[dict[str, Any]] | None:
+    """A model's class table, checked: None, or a list of ``{"label": int, "category_id":
+    int, "name": str}`` objects with distinct labels in ``[0, num_classes)``
+    (``complete=False``: ``category_id`` and ``name`` may be left out). Anything else is a
+    :class:`CheckpointError` naming ``where`` and the entry. Returns copies of the entries."""
+    if classes is None:
+        return None
+    if not isinstance(classes, list):
+        raise CheckpointError(f"{where}: 'classes' must be a list of {{label, category_id, "
+                              f"name}} objects, got {_short(classes)}")
+    if len(classes) > num_classes:
+        raise CheckpointError(f"{where}: 'classes' has {len(classes)} entries for a model of "
+                              f"{num_classes} classes")
+    seen: set[int] = set()
+    table = []
+    for i, entry in enumerate(classes):
+        name = f"{where}: classes[{i}]"
+        if not isinstance(entry, Mapping):
+            raise CheckpointError(f"{name} must be an object with label, category_id and "
+                                  f"name, got {_short(entry)}")
+        for key, ok, what in (("label", _is_int, "an integer"),
+                              ("category_id", _is_int, "an integer"),
+                              ("name", lambda v: isinstance(v, str), "a string")):
+            if key not in entry:
+                if complete or key == "label":
+                    raise CheckpointError(f"{name} has no {key!r}")
+                continue
+            if not ok(entry[key]):
+                raise CheckpointError(f"{name}.{key} must be {what}, got {_short(entry[key])}")
+        label = entry["label"]
+        if not 0 <= label < num_classes:
+            raise CheckpointError(f"{name}.label {label} is outside the model's {num_classes} "
+                                  f"classes (0 to {num_classes - 1})")
+        if label in seen:
+            raise CheckpointError(f"{name}.label {label} is given twice")
+        seen.add(label)
+        table.append(dict(entry))
+    return table
+
+
+def _model_directory(path: Path) -> Weights:
+    """``config.json`` + ``model.safetensors`` (or the weights alone, enough for --init);
+    the JSON is checked key by key before the weights are read or anything is built."""
+    cfg_file, weights_file = path / "config.json", path / "model.safetensors"
+    if not cfg_file.is_file():
+        if weights_file.is_file():  # weights without a config (enough for --init)
+            return Weights(_read_safetensors(weights_file), None, "safetensors file",
+                           weights_file)
+        raise CheckpointNotFoundError(f"{path} is not a dinodet model directory: "
+                                      "config.json missing")
+    try:
+        meta = json.loads(cfg_file.read_bytes())
+    except OSError as e:
+        raise CheckpointError(f"cannot read {cfg_file}: {e.strerror or e}") from e
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, or bytes that aren't UTF-8
+        raise CheckpointError(f"{cfg_file} is not a valid dinodet config: not JSON "
+                              f"({_first_line(e)})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{cfg_file} is not a valid dinodet config: expected a JSON "
+                              f"object with a 'config' entry, got {type(meta).__name__}")
+    if "config" not in meta:
+        raise CheckpointError(f"{cfg_file} is not a valid dinodet config: no 'config' entry "
+                              f"(found {', '.join(map(repr, list(meta)[:10])) or 'nothing'})")
+    config = _config(meta["config"], str(cfg_file), "config")
+    classes = check_classes(meta.get("classes"), config.num_classes, str(cfg_file))
+    transform = _eval_transform(meta, str(cfg_file))
+    sd = _read_safetensors(weights_file)
+    return Weights(sd, config, "dinodet model directory", path, "raw", classes, transform)
+
+
+def _run_checkpoint(obj: Mapping[str, Any], path: Path, weights: WeightsChoice) -> Weights:
+    """A checkpoint of ``dinodet train``: its config, class table and transform checked
+    before anything is built."""
+    where = f"checkpoint {path}"
+    config = _config(obj["model_config"], where, "model_config")
+    ema = obj.get("ema")
+    which: WeightsChoice = "ema" if weights == "ema" and ema else "raw"
+    if which == "ema":
+        if not isinstance(ema, Mapping) or "module" not in ema:
+            raise CheckpointError(f"{where}: 'ema' must be a mapping with the EMA weights "
+                                  "under 'module'")
+        sd, key = ema["module"], "ema.module"
+    else:
+        sd, key = obj.get("model"), "model"
+    if not isinstance(sd, Mapping) or not all(isinstance(v, Tensor) for v in sd.values()):
+        raise CheckpointError(f"{where}: {key!r} is not a state dict of tensors")
+    classes = check_classes(obj.get("classes"), config.num_classes, where)
+    return Weights(dict(sd), config, "dinodet checkpoint", path, which, classes,
+                   _run_transform(obj.get("config") or {}, where))
 
 
 def open_weights(path: str | Path, variant: str | None = None,
@@ -173,31 +367,12 @@ def open_weights(path: str | Path, variant: str | None = None,
         get_preset(variant)  # an unknown variant fails before any file is read
     path = Path(path)
     if path.is_dir():
-        cfg_file, weights_file = path / "config.json", path / "model.safetensors"
-        if not cfg_file.is_file():
-            if weights_file.is_file():  # weights without a config (enough for --init)
-                return Weights(_read_safetensors(weights_file), None, "safetensors file",
-                               weights_file)
-            raise CheckpointNotFoundError(f"{path} is not a dinodet model directory: "
-                                          "config.json missing")
-        try:
-            meta = json.loads(cfg_file.read_text())
-            config = _config(meta["config"])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{cfg_file} is not a valid dinodet config: {e}") from e
-        sd = _read_safetensors(weights_file)
-        return Weights(sd, config, "dinodet model directory", path, "raw",
-                       meta.get("classes"), EvalTransform.from_metadata(meta))
+        return _model_directory(path)
     if path.suffix == ".safetensors":
         return Weights(_read_safetensors(path), None, "safetensors file", path)
     obj = read_torch_file(path)
     if isinstance(obj, dict) and "model_config" in obj:  # a dinodet run checkpoint
-        ema = obj.get("ema")
-        which: WeightsChoice = "ema" if weights == "ema" and ema else "raw"
-        sd = ema["module"] if ema and which == "ema" else obj["model"]
-        return Weights(dict(sd), _config(obj["model_config"]),
-                       "dinodet checkpoint", path, which, obj.get("classes"),
-                       _run_transform(obj.get("config") or {}))
+        return _run_checkpoint(obj, path, weights)
     return _state_dict_weights(obj, path, variant)
 
 
@@ -281,13 +456,61 @@ def from_original(source: str | Path | Mapping[str, Any], variant: str,
     return model.eval()
 
 
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that is there (a dangling symbolic link counts)."""
+    while not os.path.lexists(path) and path.parent != path:
+        path = path.parent
+    return path
+
+
+def _check_folder(folder: Path, subject: str, error: type[UserError]) -> None:
+    """``folder`` is a folder that is there or can be created, and can be written in."""
+    base = _nearest_existing(Path(os.path.abspath(folder)))
+    if not base.exists():
+        raise error(f"{subject}: {base} is a broken symbolic link")
+    if not base.is_dir():
+        raise error(f"{subject}: {base} is a file, not a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise error(f"{subject}: cannot write in {base} (no permission, or a read-only file "
+                    "system)")
+
+
+def check_output_dir(path: str | Path, what: str = "output folder") -> Path:
+    """Refuse, before any work, a folder that cannot receive output: an existing file, a
+    path under a file, or a folder that can neither be written in nor created. Raises
+    :class:`~dinodet.errors.RunDirError` naming ``what`` and the path; creates nothing."""
+    path = Path(path)
+    if os.path.lexists(path) and not path.is_dir():
+        kind = "a broken symbolic link" if not path.exists() else "a file, not a folder"
+        raise RunDirError(f"{what} {path} is {kind}")
+    _check_folder(path, f"{what} {path}", RunDirError)
+    return path
+
+
+def check_output_file(path: str | Path, what: str = "output file") -> Path:
+    """Refuse, before any work, a file that cannot be written (atomically, beside it): an
+    existing folder or special file, a path under a file, a folder that cannot be written
+    in or created. Raises :class:`~dinodet.errors.UserError` naming ``what`` and the path;
+    creates nothing."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder: give the name of a file to write")
+    if path.exists() and not path.is_file():
+        raise UserError(f"{what} {path} is not a regular file")
+    if os.path.islink(path) and not path.exists():
+        raise UserError(f"{what} {path} is a broken symbolic link")
+    _check_folder(path.parent, f"{what} {path}", UserError)
+    return path
+
+
 def save_pretrained(model: DINO, out_dir: str | Path, extra: dict[str, Any] | None = None,
                     transform: EvalTransform | None = None) -> Path:
     """Write ``model.safetensors`` and ``config.json`` (no pickle), with ``extra``
-    (``classes``, ``source``, ...) and ``transform``'s metadata in the JSON."""
+    (``classes``, ``source``, ...) and ``transform``'s metadata in the JSON. ``out_dir``
+    is checked first (:func:`check_output_dir`)."""
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
+    out = check_output_dir(out_dir, "model directory")
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "dinodet"})

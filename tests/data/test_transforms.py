@@ -134,6 +134,10 @@ def test_shorter_side_size_rule():
     assert shorter_side_size(640, 480, 800, 1333) == (1066, 800)
     assert shorter_side_size(100, 400, 800, 1333) == (333, 1332)
     assert shorter_side_size(300, 300, 128) == (128, 128)
+    # Strips: the shorter side stays >= 1 px and the longer one is still capped.
+    assert shorter_side_size(3, 2000, 64, 107) == (1, 107)
+    assert shorter_side_size(5_000_000, 1, 800, 1333) == (1333, 1)
+    assert shorter_side_size(3, 2000, 800, 1333) == (1, 666)
 
 
 def test_config_validation_and_scaling():

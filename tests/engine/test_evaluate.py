@@ -7,6 +7,7 @@ import copy
 import io
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -367,3 +368,26 @@ def test_evaluate_with_autocast_and_bad_amp(coco_gt):
     assert len(results) == 10 * len(image_ids)
     with pytest.raises(ValueError, match="amp"):
         evaluate(model, [], "cpu", CATEGORY_IDS, coco_gt, amp="fp8")
+
+
+def test_evaluate_checkpoint_checks_out_before_reading_anything(tmp_path):
+    from dinodet.engine.evaluate import evaluate_checkpoint
+    from dinodet.errors import UserError
+
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("")
+    for out, why in [(a_file / "r.json", r"file\.txt is a file, not a folder"),
+                     (tmp_path, "is a folder")]:
+        # the checkpoint and the data do not exist: the output is checked first
+        with pytest.raises(UserError, match=rf"^results file {re.escape(str(out))}\b.*{why}"):
+            evaluate_checkpoint(tmp_path / "none.pt", tmp_path / "none.json", tmp_path,
+                                out=out)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        evaluate_checkpoint(tmp_path / "none.pt", "a.json", "img", batch_size=0)
+
+
+def test_eval_result_keeps_the_detections_out_of_comparisons():
+    metrics = dict.fromkeys(METRIC_NAMES, 0.5)
+    a = EvalResult(metrics, detections=[{"image_id": 1}])
+    assert a == EvalResult(dict(metrics)) and "detections" not in repr(a)
+    assert a.detections == [{"image_id": 1}]

@@ -110,15 +110,18 @@ def shorter_side_size(
 
     The original DETR/DINO rule: the shorter side shrinks when the longer would
     exceed ``max_size``; the shorter side is exact, the longer one is rounded down.
-    One change: the shrunk shorter side is rounded down too (the original rounds to
-    nearest, which can put the longer side 1 px over ``max_size``).
+    Two changes: the shrunk shorter side is rounded down too (the original rounds to
+    nearest, which can put the longer side 1 px over ``max_size``), and it is at least 1
+    px, the longer side then still capped at ``max_size`` (a 3 x 20000 strip would
+    otherwise reach the model at 1 x 6666, or the original would make it 0 px high).
     """
     short, long = min(height, width), max(height, width)
     if max_size is not None and long / short * size > max_size:
         size = max(1, int(max_size * short / long))
-    if width <= height:
-        return int(size * height / width), size
-    return size, int(size * width / height)
+    long_out = int(size * long / short)
+    if max_size is not None:
+        long_out = min(long_out, max_size)
+    return (long_out, size) if width <= height else (size, long_out)
 
 
 class RandomShorterSideResize(v2.Transform):

@@ -58,10 +58,12 @@ class EvalResult:
     """COCO box metrics: ``metrics`` maps ``METRIC_NAMES`` to [0, 1] (pycocotools' -1 where
     undefined, e.g. APl without large objects); ``per_class`` has ``label``,
     ``category_id``, ``name`` and ``AP`` (0.50:0.95, all areas, 100 detections; nan without
-    ground truth) of every class in the ground truth."""
+    ground truth) of every class in the ground truth. ``detections``: the COCO results
+    scored, where the caller kept them (:func:`evaluate_checkpoint` does)."""
 
     metrics: dict[str, float]
     per_class: list[dict[str, Any]] = field(default_factory=list)
+    detections: list[dict[str, Any]] | None = field(default=None, repr=False, compare=False)
 
     def format_table(self) -> str:
         """The main metrics and the per-class AP as fixed-width text, in percent."""
@@ -295,12 +297,20 @@ def evaluate_checkpoint(checkpoint: str | Path, ann: str | Path, images: str | P
                         weights: str = "ema") -> EvalResult:
     """COCO metrics of any model file :func:`~dinodet.weights.load_model` opens, its images
     through the model's :class:`~dinodet.data.EvalTransform` (``eval_size`` / ``max_size``
-    override it as in ``dinodet predict``); the detections go to ``out`` if given."""
+    override it as in ``dinodet predict``). The detections are kept in the result's
+    ``detections`` and written to ``out`` if given (atomically); ``out`` is checked
+    (:func:`~dinodet.weights.check_output_file`) before anything is read or evaluated."""
     from dinodet.data.coco import CocoDetection
     from dinodet.data.collate import build_loader
     from dinodet.engine.distributed import resolve_device
-    from dinodet.weights import load_model
+    from dinodet.weights import check_output_file, load_model
 
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if out is not None:
+        check_output_file(out, "results file")
     loaded = load_model(checkpoint, variant, weights)  # type: ignore[arg-type]
     # The original checkpoints index classes by raw COCO id.
     keep_ids = keep_category_ids or loaded.classes is None
@@ -308,8 +318,14 @@ def evaluate_checkpoint(checkpoint: str | Path, ann: str | Path, images: str | P
     dataset = CocoDetection(ann, images, transform, keep_category_ids=keep_ids)
     label_to_id, names = dataset.label_to_category_id, dataset.class_names
     if loaded.classes is not None:
-        label_to_id = [c["category_id"] for c in loaded.classes]
-        names = [c["name"] for c in loaded.classes]
+        # By label (the table need not be in order or complete); a label without an entry
+        # gets category -1, which no ground truth has.
+        by_label = {c["label"]: c for c in loaded.classes}
+        size = max(loaded.model.num_classes, max(by_label, default=-1) + 1)
+        label_to_id = [by_label[i]["category_id"] if i in by_label else -1
+                       for i in range(size)]
+        names = [str(by_label[i].get("name", i)) if i in by_label else str(i)
+                 for i in range(size)]
         unknown = sorted(set(dataset.label_to_category_id) - set(label_to_id))
         if unknown:
             raise ValueError(f"{ann} has categories {unknown[:10]} the checkpoint was not "
@@ -322,6 +338,7 @@ def evaluate_checkpoint(checkpoint: str | Path, ann: str | Path, images: str | P
     loader = build_loader(dataset, batch_size, train=False, num_workers=num_workers)
     result, results = evaluate(model, loader, dev, label_to_id, dataset.coco,
                                num_select=model.cfg.num_select, class_names=names)
+    result.detections = results
     if out is not None:
         write_results(out, results)
     return result

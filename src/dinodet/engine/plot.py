@@ -3,23 +3,78 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Any
+
+from dinodet.errors import UserError
+
+# What the plots read from each record type, and the JSON type each must have.
+_STEP_KEYS: tuple[tuple[str, str], ...] = (("step", "an integer"), ("loss", "a number"),
+                                           ("lr", "a number"))
+_EPOCH_KEYS: tuple[tuple[str, str], ...] = (("epoch", "an integer"), ("AP", "a number"),
+                                            ("AP50", "a number"), ("AP75", "a number"))
+
+
+def _is(kind: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) if kind == "an integer" else isinstance(value, (int, float))
+
+
+def _check_record(record: Any, where: str) -> None:
+    """A record the plots can draw, or a :class:`UserError` naming ``path:line`` and the key."""
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object (a log record), got "
+                        f"{type(record).__name__}")
+    kind = record.get("type")
+    if kind is not None and not isinstance(kind, str):
+        raise UserError(f"{where}: 'type' must be a string, got {kind!r}")
+    if kind == "step":
+        keys = _STEP_KEYS
+    elif kind == "epoch" and "AP" in record:
+        keys = _EPOCH_KEYS
+    else:
+        return  # other records (summary, epochs without evaluation) are not drawn
+    for key, what in keys:
+        if key not in record:
+            raise UserError(f"{where}: {kind} record has no {key!r}")
+        value = record[key]
+        if not _is(what, value):
+            text = repr(value)
+            raise UserError(f"{where}: {kind} record's {key!r} must be {what}, got "
+                            f"{text if len(text) <= 40 else text[:37] + '...'}")
+        if what == "an integer" and value < 0:
+            raise UserError(f"{where}: {kind} record's {key!r} must be >= 0, got {value}")
+        if key == "lr" and math.isfinite(value) and value < 0:
+            raise UserError(f"{where}: step record's 'lr' must be >= 0, got {value}")
 
 
 def read_log(run_dir: str | Path) -> list[dict]:
+    """The records of a run's ``log.jsonl``, each checked for what the plots read (a
+    :class:`~dinodet.errors.UserError` names ``path:line`` and the key). A last line cut
+    short (a run killed while writing) is left out; anything else that is not JSON is an
+    error."""
     path = Path(run_dir) / "log.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a dinodet run directory?")
     records = []
-    lines = path.read_text().splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from e
+    last = max((n for n, line in enumerate(lines, 1) if line.strip()), default=0)
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a last line cut short by a kill: keep the rest
-            if n != len(lines):
-                raise ValueError(f"{path}:{n} is not valid JSON") from None
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):  # a last line cut short by a kill
+            if n != last:
+                raise UserError(f"{path}:{n} is not valid JSON") from None
+            continue
+        _check_record(record, f"{path}:{n}")
+        records.append(record)
     return records
 
 
@@ -66,5 +121,5 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         fig.savefig(out[-1], dpi=100)
         plt.close(fig)
     if not out:
-        raise ValueError(f"{run_dir}/log.jsonl has no step or epoch records yet")
+        raise UserError(f"{run_dir}/log.jsonl has no step or epoch records yet")
     return out
