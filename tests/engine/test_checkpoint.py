@@ -203,7 +203,8 @@ def test_load_errors_name_the_file(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
     unsafe = tmp_path / "unsafe.pt"
     torch.save({"module": nn.Linear(1, 1)}, unsafe)  # a pickled object, not weights
-    with pytest.raises(CheckpointLoadError, match=r"unsafe\.pt was refused: it holds a pickled torch\.nn\.modules\.linear\.Linear"):
+    with pytest.raises(CheckpointLoadError,
+                       match=r"unsafe\.pt was refused: it holds a pickled torch\.nn\.modules"):
         load_checkpoint(unsafe)
 
 
