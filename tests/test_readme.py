@@ -147,3 +147,14 @@ def test_readme_example(line, lang, code, workspace, monkeypatch):
             command = command.replace(old, new)
         done = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True)
         assert done.returncode == 0, f"README.md:{line}: {command}\n{done.stdout}\n{done.stderr}"
+
+
+def test_every_test_the_reliability_section_names_exists():
+    """The README's reliability guarantees cite tests by name: each one must be there."""
+    text = README.read_text()
+    section = text[text.index("## Reliability"):text.index("## Python API")]
+    cited = set(re.findall(r"`(test_\w+)`", section))
+    assert len(cited) >= 20
+    defined = {m for path in (README.parent / "tests").rglob("test_*.py")
+               for m in re.findall(r"^def (test_\w+)", path.read_text(), re.M)}
+    assert sorted(cited - defined) == []
