@@ -16,20 +16,13 @@ from PIL import Image
 
 import dinodet
 from dinodet.cli import main
-from dinodet.config import BackboneConfig, DINOConfig
 from dinodet.engine.plot import read_log
 from dinodet.errors import UserError
 from dinodet.predict import Detector
+from test_cli import _config  # the same tiny two-class network
 
 CLASSES = [{"label": 0, "category_id": 1, "name": "circle"},
            {"label": 1, "category_id": 3, "name": "square"}]
-
-
-def _config() -> DINOConfig:
-    return DINOConfig(num_classes=2, backbone=BackboneConfig(
-        name="resnet18", frozen_batchnorm=False, freeze_stem=False), hidden_dim=64,
-        num_heads=4, enc_layers=1, dec_layers=1, dim_feedforward=64, num_queries=10,
-        dn_number=4, num_select=10)
 
 
 @pytest.fixture(scope="module")

@@ -116,9 +116,8 @@ def _train(args: argparse.Namespace) -> int:
         cleanup()
     stopped = summary["stopped_by"] or ""
     if stopped.startswith("signal"):  # 128 + the signal's number, as a shell reports it
-        name = stopped.split()[-1]
-        return 128 + int(getattr(signal.Signals, name, signal.SIGINT)) if name != "peer" \
-            else 128 + int(signal.SIGTERM)
+        # "signal peer": another rank was signalled, as supervisors do with SIGTERM
+        return 128 + int(getattr(signal.Signals, stopped.split()[-1], signal.SIGTERM))
     return 0
 
 

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import difflib
 import functools
+import math
 import numbers
 import types
 from collections.abc import Mapping
@@ -24,10 +25,25 @@ import yaml
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
-__all__ = ["apply_override", "coerce_fields", "field_type", "from_dict", "merge", "parse_set",
-           "parse_value", "require", "to_dict"]
+__all__ = ["apply_override", "coerce_fields", "field_type", "from_dict", "is_finite_number",
+           "is_int", "merge", "parse_set", "parse_value", "require", "to_dict"]
 
 T = TypeVar("T", bound="DataclassInstance")
+
+
+def is_int(value: object) -> bool:
+    """An integer as a file (JSON, YAML) gives it: ``true`` / ``false`` are not."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite_number(value: object) -> bool:
+    """A finite int or float that fits a float (booleans are not numbers here)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer of 309 digits or more
+        return False
 
 
 def require(ok: bool, key: str, value: object, why: str) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import pickle
 import re
@@ -30,6 +29,7 @@ from torch import Tensor, nn
 
 from dinodet.data.transforms import EvalTransform
 from dinodet.errors import RunDirError, UserError
+from dinodet.settings import is_finite_number, is_int
 
 if TYPE_CHECKING:
     from dinodet.config import DINOConfig
@@ -209,14 +209,6 @@ def _run_transform(config: Any, where: str) -> EvalTransform:
                            else "config.data.")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _eval_transform(meta: Any, where: str, prefix: str = "") -> EvalTransform:
     """The :class:`EvalTransform` stored with a model, every value checked first: sizes
     are integers within :data:`dinodet.config.MAX_EVAL_SIZE` /
@@ -229,7 +221,7 @@ def _eval_transform(meta: Any, where: str, prefix: str = "") -> EvalTransform:
                               f"{_short(meta)}")
     for key, limit in (("eval_size", MAX_EVAL_SIZE), ("max_size", MAX_EVAL_MAX_SIZE)):
         value = meta.get(key)
-        if value is not None and not (_is_int(value) and 1 <= value <= limit):
+        if value is not None and not (is_int(value) and 1 <= value <= limit):
             raise CheckpointError(f"{where}: {prefix}{key} must be an integer in [1, {limit}] "
                                   f"(or null), got {_short(value)}")
     for key in ("mean", "std"):
@@ -237,7 +229,7 @@ def _eval_transform(meta: Any, where: str, prefix: str = "") -> EvalTransform:
         if value is None:
             continue
         if not (isinstance(value, (list, tuple)) and len(value) == 3
-                and all(_is_number(v) and math.isfinite(v) for v in value)
+                and all(map(is_finite_number, value))
                 and (key == "mean" or all(v > 0 for v in value))):
             raise CheckpointError(f"{where}: {prefix}{key} must be 3 finite numbers"
                                   f"{' > 0' if key == 'std' else ''}, got {_short(value)}")
@@ -284,8 +276,8 @@ def check_classes(classes: Any, num_classes: int, where: str, complete: bool = T
         if not isinstance(entry, Mapping):
             raise CheckpointError(f"{name} must be an object with label, category_id and "
                                   f"name, got {_short(entry)}")
-        for key, ok, what in (("label", _is_int, "an integer"),
-                              ("category_id", _is_int, "an integer"),
+        for key, ok, what in (("label", is_int, "an integer"),
+                              ("category_id", is_int, "an integer"),
                               ("name", lambda v: isinstance(v, str), "a string")):
             if key not in entry:
                 if complete or key == "label":

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 import os
 import warnings
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from torchvision.transforms.v2 import functional as F
 
 from dinodet.data.images import ImageReadError, load_image, resolve_max_pixels
 from dinodet.errors import DataError
+from dinodet.settings import is_finite_number, is_int
 
 __all__ = ["MAX_CATEGORY_ID", "AnnotationWarning", "CocoDetection", "Sample", "SkippedImage",
            "SkippedImageWarning"]
@@ -103,21 +103,6 @@ def _read_json(ann_file: Path) -> dict[str, Any]:
     return data
 
 
-def _is_int(value: Any) -> bool:
-    """An integer of the json (``true`` / ``false`` are not)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    """A finite number of the json that fits a float (``true`` / ``false`` are not)."""
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an integer of 309 digits or more
-        return False
-
-
 def _outside(file_name: str) -> str | None:
     """How ``file_name`` leaves the folder it is relative to, or None when it stays inside.
 
@@ -134,21 +119,21 @@ def _outside(file_name: str) -> str | None:
 
 def _annotation_problem(ann: dict, image_ids: set, category_ids: set) -> str | None:
     """Why an annotation is unusable, or None when it is fine."""
-    if not _is_int(ann["image_id"]):
+    if not is_int(ann["image_id"]):
         return f"image_id must be an integer, got {ann['image_id']!r}"
     if ann["image_id"] not in image_ids:
         return "unknown image"
-    if not _is_int(ann["category_id"]):
+    if not is_int(ann["category_id"]):
         return f"category_id must be an integer, got {ann['category_id']!r}"
     if ann["category_id"] not in category_ids:
         return f"unknown category {ann['category_id']}"
     bbox = ann["bbox"]
-    if not (isinstance(bbox, list | tuple) and len(bbox) == 4 and all(map(_is_number, bbox))):
+    if not (isinstance(bbox, list | tuple) and len(bbox) == 4 and all(map(is_finite_number, bbox))):
         return f"malformed bbox {bbox!r}"
     if bbox[2] <= 0 or bbox[3] <= 0:
         return f"non-positive box size (w={bbox[2]}, h={bbox[3]})"
     iscrowd = ann.get("iscrowd", 0)
-    if not _is_int(iscrowd) or iscrowd not in (0, 1):
+    if not is_int(iscrowd) or iscrowd not in (0, 1):
         return f"iscrowd must be 0 or 1, got {iscrowd!r}"
     return None
 
@@ -235,7 +220,7 @@ class CocoDetection(Dataset):
         for i, img in enumerate(items):
             image_id, name = img["id"], img["file_name"]
             where = f"{self.ann_file}: images[{i}]"
-            if not _is_int(image_id):
+            if not is_int(image_id):
                 raise DataError(f"{where}.id must be an integer, got {image_id!r}")
             if image_id in images:
                 raise DataError(f"{where}: duplicate image id {image_id}")
@@ -257,7 +242,7 @@ class CocoDetection(Dataset):
         for i, cat in enumerate(items):
             cat_id = cat["id"]
             where = f"{self.ann_file}: categories[{i}]"
-            if not _is_int(cat_id) or cat_id < 0:
+            if not is_int(cat_id) or cat_id < 0:
                 raise DataError(f"{where}.id must be an integer ≥ 0, got {cat_id!r}")
             if cat_id in categories:
                 raise DataError(f"{where}: duplicate category id {cat_id}")

@@ -33,21 +33,15 @@ __all__ = ["RunDirLock", "prepare_dir"]
 
 def prepare_dir(path: str | Path, what: str = "--out") -> Path:
     """Create ``path`` (and its parents) as a writable folder, or raise
-    :class:`~dinodet.errors.RunDirError` naming it and why not."""
-    path = Path(path).expanduser()
-    if path.exists() and not path.is_dir():
-        raise RunDirError(f"{what} {path} is an existing file, not a folder")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise RunDirError(f"{what} {path} lies under {parent}, which is a file")
-            break
+    :class:`~dinodet.errors.RunDirError` naming it and why not (the checks of
+    :func:`dinodet.weights.check_output_dir`, then the creation)."""
+    from dinodet.weights import check_output_dir
+
+    path = check_output_dir(Path(path).expanduser(), what)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RunDirError(f"{what} {path} cannot be created: {e.strerror or e}") from e
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise RunDirError(f"{what} {path} is not writable (permission denied)")
     return path
 
 

@@ -252,18 +252,21 @@ def _run(cfg: TrainConfig, info: dist.DistInfo, out_dir: Path, resume: str | Non
     run = state.progress
     skipped_file = out_dir / SKIPPED_FILE
 
-    def gather_skipped() -> list[str]:
-        """Every rank's unreadable images so far, in one sorted list (all ranks call)."""
-        names = sorted({p for part in dist.all_gather_object(run.skipped_images)
-                        for p in part})
+    def gather_skipped(per_rank: list[list[str]] | None = None) -> list[str]:
+        """Every rank's unreadable images so far, in one sorted list (all ranks call,
+        unless ``per_rank`` was gathered already)."""
+        if per_rank is None:
+            per_rank = dist.all_gather_object(run.skipped_images)
+        names = sorted({p for part in per_rank for p in part})
         run.skipped_images = names
         if info.is_main and names:
             _write_skipped(skipped_file, names, train_set)
         return names
 
     def checkpoint(metric: float | None = None) -> Path | None:
-        rng = dist.all_gather_object(capture_rng_state())
-        gather_skipped()
+        gathered = dist.all_gather_object((capture_rng_state(), run.skipped_images))
+        rng = [state for state, _ in gathered]
+        gather_skipped([names for _, names in gathered])
         if not info.is_main:
             return None
         return manager.save({**state.state_dict(), "rng": rng, "config": cfg.to_dict(),
