@@ -7,8 +7,8 @@ times a baseline: the same model with its multi-scale deformable attention swapp
 algorithm of the original DINO's pure-PyTorch fallback (one ``grid_sample`` per level on
 values laid out [N·M, D, H, W], a stack of the sampled levels, a product with the attention
 weights and a sum). The baseline is that algorithm inside dinodet's model, not the
-original code base; the original code base itself was recorded once on this machine
-(``ORIGINAL_ANCHOR_S``) and is printed for reference.
+original code base: ``bench_vs_original.py`` times the original code base itself, side by
+side.
 
     python benchmarks/bench_inference.py --repeats 3 --threads 2 --json results.json
 """
@@ -24,15 +24,6 @@ import torch
 
 import dinodet
 from common import original_attention, print_table, summarize, timed, write_json
-
-# The original DINO (its pure-PyTorch deformable attention, no compiled extension) on the
-# default settings (r50-4scale, one 3×800×1088 image, float32, 2 threads), median of 3,
-# recorded on this machine.
-ORIGINAL_ANCHOR_S = 9.3
-ANCHOR_SETTINGS = {"variant": "r50-4scale", "height": 800, "width": 1088, "threads": 2}
-ORIGINAL_ANCHOR_NOTE = (
-    "original DINO pure-PyTorch path: 9.3 s (median of 3, recorded on this machine)"
-)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,35 +77,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  run {r + 1}/{args.repeats} {name}: {times[name][-1]:.2f} s", flush=True)
 
     results = summarize(times, baseline=names[0] if args.baseline else None)
-    for res in results.values():
-        res["ratio_vs_original_anchor"] = res["median_s"] / ORIGINAL_ANCHOR_S
     print()
-    print_table(results, median_label="median s/img",
-                extra={"vs 9.3 s": lambda res: f"{res['ratio_vs_original_anchor']:.2f}x"})
+    print_table(results, median_label="median s/img")
     print()
-    print(f"Anchor: {ORIGINAL_ANCHOR_NOTE}.")
-    ours = {
-        "variant": args.variant,
-        "height": args.height,
-        "width": args.width,
-        "threads": torch.get_num_threads(),
-    }
-    if ours != ANCHOR_SETTINGS:
-        print(
-            f"Note: the anchor was recorded with {ANCHOR_SETTINGS}, this run used {ours}; "
-            "the ratio to it compares different settings."
-        )
     if args.baseline:
         print(
             "The baseline is the original's deformable-attention algorithm (grid_sample per "
             "level, stack, weight, sum) swapped into dinodet's model, not the original code base."
         )
     if args.json:
-        settings = {**ours, "repeats": args.repeats, "baseline": args.baseline}
+        settings = {"variant": args.variant, "height": args.height, "width": args.width,
+                    "threads": torch.get_num_threads(), "repeats": args.repeats,
+                    "baseline": args.baseline}
         write_json(args.json, "bench_inference", settings, {
-            "original_anchor_s": ORIGINAL_ANCHOR_S,
-            "original_anchor_note": ORIGINAL_ANCHOR_NOTE,
-            "anchor_settings": ANCHOR_SETTINGS,
             "baseline_note": "original attention algorithm inside dinodet's model",
             "implementations": results,
         })

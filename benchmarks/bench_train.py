@@ -8,8 +8,8 @@ AdamW step, exactly what the training loop runs per batch. The model is randomly
 initialised (``r50-4scale`` by default, batch 2 of 512×512 images with a few boxes each).
 Side by side in one process, with the runs alternating so both share the machine's noise,
 it times a baseline: the same step with the deformable attention swapped for the original
-DINO's pure-PyTorch algorithm (``common.original_attention``). The original code base
-itself took 21.4 s per step on this machine (recorded once; printed for reference).
+DINO's pure-PyTorch algorithm (``common.original_attention``). ``bench_vs_original.py``
+times the original code base itself, side by side.
 
 The data pipeline is timed on a generated COCO-format dataset with the paper's training
 augmentation, through the training loop's loader (``dinodet.data.collate.build_loader``:
@@ -37,7 +37,6 @@ from dinodet.engine.config import OptimConfig
 from dinodet.engine.step import TrainState, train_step
 from dinodet.structures import ImageBatch
 
-ORIGINAL_STEP_S = 21.4  # the original DINO, r50-4scale, batch 2 at 512×512, median
 BASELINE = "baseline (original attention)"
 
 
@@ -139,8 +138,6 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.threads} threads, {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}")
     print_table(results, median_label="median s", name_width=32)
-    print(f"original DINO code base (recorded on this machine): {ORIGINAL_STEP_S:.1f} s; "
-          f"dinodet / original = {medians['dinodet'] / ORIGINAL_STEP_S:.2f}")
     print("(the step is dinodet.engine.step.train_step; the baseline is the original's "
           "attention algorithm inside dinodet's model)")
 
@@ -154,7 +151,6 @@ def main(argv: list[str] | None = None) -> int:
             "medians": medians,
             "ratios_vs_baseline": {name: res["ratio_vs_baseline"]
                                    for name, res in results.items()},
-            "original_step_s": ORIGINAL_STEP_S,
             "data_images_per_s": images_per_s,
         })
     return 0

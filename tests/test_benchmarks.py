@@ -21,7 +21,7 @@ sys.path.insert(0, str(BENCHMARKS))  # what `python benchmarks/X.py` does for th
 import common  # noqa: E402
 
 SCRIPTS = ["bench_inference.py", "bench_train.py", "bench_detect.py", "bench_gpu.py",
-           "bench_ms_deform_attn_gpu.py"]
+           "bench_ms_deform_attn_gpu.py", "bench_vs_original.py"]
 
 
 def _run(*args: str, timeout: float) -> subprocess.CompletedProcess:
@@ -70,6 +70,14 @@ def test_no_bench_loads_another_by_path() -> None:
     for path in BENCHMARKS.glob("*.py"):
         text = path.read_text()
         assert "spec_from_file_location" not in text and "importlib" not in text, path.name
+
+
+def test_bench_vs_original_names_what_it_needs(tmp_path: Path) -> None:
+    proc = _run("benchmarks/bench_vs_original.py", timeout=120)
+    assert proc.returncode == 2 and "--original" in proc.stderr
+    proc = _run("benchmarks/bench_vs_original.py", "--original", str(tmp_path), timeout=120)
+    assert proc.returncode != 0
+    assert f"{tmp_path} is not a checkout of IDEA-Research/DINO" in proc.stderr
 
 
 def test_bench_train_end_to_end(tmp_path: Path) -> None:
@@ -229,3 +237,25 @@ def test_bench_small_data_end_to_end(tmp_path: Path) -> None:
         assert entry["epoch_seconds"]["n"] == 1 and entry["epoch_seconds"]["median"] > 0
         assert set(entry["runs"][0]["metrics"]) >= {"AP", "AP50", "APs", "AR100"}
     assert results["fcos"]["runs"][0]["optimizer"] == "adamw"
+
+
+def test_bench_int8_end_to_end(tmp_path: Path) -> None:
+    """float32 and int8 Detectors timed side by side, two engines, with the profile split."""
+    out = tmp_path / "int8.json"
+    proc = _run("benchmarks/bench_int8.py", "--variant", "cpu-small", "--height", "64",
+                "--width", "64", "--repeats", "1", "--threads", "1", "--engines", "x86",
+                "fbgemm", "--profile", "--json", str(out), timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"wrote {out}" in proc.stdout and "speed-up" in proc.stdout
+    payload = json.loads(out.read_text())
+    assert payload["benchmark"] == "bench_int8" and payload["meta"]["torch_threads"] == 1
+    results = payload["results"]
+    assert results["int8_layers"] > 0 and results["float_linear_layers"] >= 0
+    impls = results["implementations"]
+    assert list(impls) == ["float32", "int8 (x86)", "int8 (fbgemm)"]
+    assert impls["float32"]["speedup_vs_float32"] == 1.0
+    assert all(res["median_s"] > 0 and len(res["runs_s"]) == 1 for res in impls.values())
+    assert set(results["profiles"]) == set(impls)
+    assert results["profiles"]["int8 (x86)"]["groups_s"]["linear"] > 0
+    help_run = _run("benchmarks/bench_int8.py", "--help", timeout=120)
+    assert help_run.stdout.startswith("usage:") and "--json" in help_run.stdout

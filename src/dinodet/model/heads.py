@@ -6,6 +6,8 @@ import math
 
 from torch import Tensor, nn
 
+from dinodet.model.linear import Linear
+
 
 class MLP(nn.Module):
     """Linear layers with ReLU between them (none after the last)."""
@@ -14,7 +16,7 @@ class MLP(nn.Module):
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (num_layers - 1)
         outs = [hidden_dim] * (num_layers - 1) + [out_dim]
-        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, outs))
+        self.layers = nn.ModuleList(Linear(i, o) for i, o in zip(dims, outs))
 
     def forward(self, x: Tensor) -> Tensor:
         for i, layer in enumerate(self.layers):
@@ -49,7 +51,7 @@ def init_box_head(head: MLP) -> None:
 
 def class_head(dim: int, num_classes: int, prior_prob: float = 0.01) -> nn.Linear:
     """Linear classifier initialised by :func:`init_class_head`."""
-    head = nn.Linear(dim, num_classes)
+    head = Linear(dim, num_classes)
     init_class_head(head, prior_prob)
     return head
 

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from dinodet.model.heads import box_head, class_head
+from dinodet.model.linear import Linear
 
 
 @dataclass
@@ -77,7 +78,7 @@ class QuerySelection(nn.Module):
                  mask_padded: bool = False) -> None:
         super().__init__()
         self.mode, self.num_queries, self.mask_padded = mode, num_queries, mask_padded
-        self.enc_output = nn.Linear(dim, dim)
+        self.enc_output = Linear(dim, dim)
         self.enc_output_norm = nn.LayerNorm(dim)
         self.class_head = class_head(dim, num_classes)
         self.box_head = box_head(dim)

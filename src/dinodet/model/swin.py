@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from dinodet.model.linear import Linear
+
 __all__ = ["SWIN_CONFIGS", "SwinTransformer", "build_swin", "check_relative_position_index",
            "drop_relative_position_index", "make_relative_position_index", "shifted_window_mask",
            "swin_large_384", "swin_toy"]
@@ -175,9 +177,9 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = Linear(dim, hidden)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -197,8 +199,8 @@ class WindowAttention(nn.Module):
         # derivable from the window size, so kept out of state_dict (see _load_from_state_dict)
         self.relative_position_index: Tensor
         self.register_buffer(_RPI, make_relative_position_index(window_size), persistent=False)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim)
+        self.proj = Linear(dim, dim)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -277,7 +279,7 @@ class PatchMerging(nn.Module):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.reduction = Linear(4 * dim, 2 * dim, bias=False)
         self.norm = nn.LayerNorm(4 * dim)
 
     def forward(self, x: Tensor, H: int, W: int) -> Tensor:

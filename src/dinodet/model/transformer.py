@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from dinodet.model.boxes import inverse_sigmoid
 from dinodet.model.heads import MLP
+from dinodet.model.linear import Linear, linear_relu
 from dinodet.model.ms_deform_attn import Backend, MSDeformAttn, resolve_backend
 from dinodet.model.position import sine_box_embedding
 from dinodet.model.tracing import exporting
@@ -25,21 +26,22 @@ class FFN(nn.Module):
 
     def __init__(self, dim: int, hidden: int, dropout: float) -> None:
         super().__init__()
-        self.linear1 = nn.Linear(dim, hidden)
-        self.linear2 = nn.Linear(hidden, dim)
+        self.linear1 = Linear(dim, hidden)
+        self.linear2 = Linear(hidden, dim)
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(dim)
 
     def _block(self, x: Tensor) -> Tensor:
-        # In place is safe for autograd: linear's backward needs its input, not its output,
-        # and ReLU's backward reads its own output.
-        h = self.linear1(x).relu_()
+        h = linear_relu(self.linear1, x)
         y = self.dropout(self.linear2(self.dropout(h)))
         return self.norm(x + y)
 
     def forward(self, x: Tensor) -> Tensor:
         rows = max(1, self.CPU_CHUNK_ELEMENTS // self.linear1.out_features)
-        if x.device.type != "cpu" or x.dim() < 2 or exporting() or x.shape[-2] <= rows:
+        # Chunks only pay without autograd, which keeps every chunk's hidden layer anyway
+        # (and the split and cat would cost a copy of each).
+        if (x.device.type != "cpu" or x.dim() < 2 or exporting() or x.shape[-2] <= rows
+                or (torch.is_grad_enabled() and x.requires_grad)):
             return self._block(x)
         return torch.cat([self._block(part) for part in x.split(rows, dim=-2)], dim=-2)
 
