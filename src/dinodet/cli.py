@@ -128,11 +128,15 @@ def _eval(args: argparse.Namespace) -> int:
     _check_sizes(args.eval_size, args.max_size, "--eval-size")
     if args.out:  # before the model is loaded and the images evaluated
         check_output_file(args.out, "--out")
+    if args.int8:
+        print("--int8: Linear layers dynamically quantised to int8, on the CPU; compare "
+              "with the metrics without --int8", file=sys.stderr, flush=True)
     result = evaluate_checkpoint(args.checkpoint, args.ann, args.images, out=None,
                                  variant=args.variant, batch_size=args.batch_size,
                                  eval_size=args.eval_size, max_size=args.max_size,
                                  keep_category_ids=args.keep_category_ids,
-                                 num_workers=args.workers, weights=args.weights)
+                                 num_workers=args.workers, weights=args.weights,
+                                 int8=args.int8)
     print(result.format_table(), flush=True)  # the metrics, whatever happens to --out
     if args.out:
         write_results(args.out, result.detections or [])
@@ -205,12 +209,14 @@ def _refuse_inputs_in(out: str, files: Sequence[str]) -> None:
 
 def _predict(args: argparse.Namespace) -> int:
     import json
+    import warnings
     from pathlib import Path
 
     from tqdm import tqdm
 
     from dinodet.engine.checkpoint import atomic_write
     from dinodet.errors import UserError
+    from dinodet.model.quantize import Int8Warning, int8_counts
     from dinodet.predict import Detections, Detector, ImageReadError, load_image
     from dinodet.visualize import save_detections
     from dinodet.weights import check_output_dir
@@ -224,9 +230,15 @@ def _predict(args: argparse.Namespace) -> int:
     # Where the results go is checked before the (slow) model is loaded.
     check_output_dir(args.out, "--out")
     _refuse_inputs_in(args.out, files)
-    detector = Detector.from_pretrained(args.checkpoint, variant=args.variant,
-                                        eval_size=args.size, max_size=args.max_size,
-                                        weights=args.weights)
+    with warnings.catch_warnings():  # --int8 says it below, in one line
+        warnings.filterwarnings("ignore", category=Int8Warning)
+        detector = Detector.from_pretrained(args.checkpoint, variant=args.variant,
+                                            eval_size=args.size, max_size=args.max_size,
+                                            weights=args.weights, int8=args.int8)
+    if args.int8:
+        print(f"dinodet predict: --int8: {int8_counts(detector.model).describe()}; "
+              "approximate, measure the AP change on your data with `dinodet eval --int8`",
+              file=sys.stderr, flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
@@ -283,9 +295,28 @@ def _export(args: argparse.Namespace) -> int:
 
     import torch
 
-    from dinodet.export import compare_detections, export_model, run_exported
+    from dinodet.errors import UserError
+    from dinodet.export import compare_detections, export_model, read_metadata, run_exported
     from dinodet.weights import check_output_file, load_model
 
+    # every mistake in the options is said before the (slow) export
+    if (args.ann is None) != (args.images is None):
+        given, missing = ("--ann", "--images") if args.ann else ("--images", "--ann")
+        raise UserError(f"{given} needs {missing} too: a COCO annotation json and its image "
+                        "folder go together")
+    if args.ann is None:
+        for option, value in (("--max-images", args.max_images),
+                              ("--max-ap-drop", args.max_ap_drop)):
+            if value is not None:
+                raise UserError(f"{option} needs --ann and --images (the COCO dataset to "
+                                "verify on)")
+    elif not Path(args.ann).is_file():
+        raise UserError(f"--ann {args.ann}: no such file")
+    elif not Path(args.images).is_dir():
+        raise UserError(f"--images {args.images}: no such folder")
+    if args.int8 and args.format != "onnx":
+        raise UserError(f"--int8 works with --format onnx only (onnxruntime's quantiser), "
+                        f"not --format {args.format}")
     suffix = ".onnx" if args.format == "onnx" else ".pt2"
     if args.out:
         out = Path(args.out)
@@ -303,24 +334,73 @@ def _export(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     path = export_model(loaded.model, out, args.format, example_size=(height, width),
                         dynamic=not args.static, opset=args.opset, classes=loaded.classes,
-                        transform=loaded.transform, variant=args.variant)
+                        transform=loaded.transform, variant=args.variant, int8=args.int8)
     size_mb = path.stat().st_size / 1e6
-    print(f"wrote {path} ({args.format}, {size_mb:.1f} MB, "
-          f"{time.perf_counter() - start:.0f} s)")
-    if args.verify:
+    print(f"wrote {path} ({args.format}{' int8' if args.int8 else ''}, {size_mb:.1f} MB, "
+          f"{time.perf_counter() - start:.0f} s)", flush=True)
+    if args.int8:
+        quantised = read_metadata(path)["int8"]["quantized_nodes"]
+        check = ("compared below" if args.ann else
+                 "check them with --verify --ann VAL.json --images DIR")
+        print(f"int8: the weights of {quantised} MatMul/Gemm nodes quantised by onnxruntime "
+              f"(QInt8, dynamic); its detections are approximate: {check}", flush=True)
+    status = 0
+    if args.verify or args.ann:
         from dinodet.export import ExportGraph
 
-        # another size than the traced one (when dynamic), batch of 2
-        h, w = (height, width) if args.static else (height - 32, width + 32)
-        images = torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(0))
+        # another size than the traced one (when dynamic), batch of 2; static: the traced
+        batch, h, w = (1, height, width) if args.static else (2, height - 32, width + 32)
+        images = torch.rand(batch, 3, h, w, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             expected = ExportGraph(loaded.model, transform=loaded.transform)(images)
         diff = compare_detections(expected, run_exported(path, images), min_score=0.05)
-        ok = diff["score"] <= 1e-3 and diff["box"] <= 0.5
-        print(f"verify on 2x3x{h}x{w}: max score difference {diff['score']:.2e}, max box "
-              f"difference {diff['box']:.3f} px: {'ok' if ok else 'MISMATCH'}")
-        if not ok:
-            return 1
+        ok = args.int8 or (diff["score"] <= 1e-3 and diff["box"] <= 0.5)
+        verdict = ("int8, approximate: judged by its COCO AP (--ann)" if args.int8 else
+                   "ok" if ok else "MISMATCH")
+        print(f"verify on {batch}x3x{h}x{w}: max score difference {diff['score']:.2e}, max "
+              f"box difference {diff['box']:.3f} px: {verdict}", flush=True)
+        status = 0 if ok else 1
+    if args.ann:
+        from dinodet.export import verify_coco
+
+        found = verify_coco(path, loaded.model, args.ann, args.images,
+                            max_images=args.max_images, progress=sys.stderr.isatty())
+        status = max(status, _report_coco(args, found))
+    return status
+
+
+def _report_coco(args: argparse.Namespace, found: dict) -> int:
+    """Print what ``export --ann`` measured (:func:`dinodet.export.verify_coco`); 1 when the
+    file's AP is more than --max-ap-drop below PyTorch's."""
+    from pathlib import Path
+
+    if found["skipped"]:
+        print(f"dinodet export: {len(found['skipped'])} unreadable image(s) of {args.ann} "
+              f"left out, e.g. {found['skipped'][0]}", file=sys.stderr)
+    torch_ap, file_ap, diff = found["pytorch"], found["exported"], found["difference"]
+    name = "exported int8" if found["precision"] == "int8" else "exported"
+
+    def number(value: float, signed: bool = False) -> str:
+        if math.isnan(value) or (value < 0 and not signed):  # -1: nothing to score
+            return "-"
+        return f"{value:+.3f}" if signed else f"{value:.3f}"
+
+    parts = [f"{m} PyTorch {number(torch_ap[m])}, {name} {number(file_ap[m])} "
+             f"({number(diff[m], True)})" for m in ("AP50", "AP75")]
+    print(f"COCO AP on {found['images']} images of {Path(args.ann).name}: PyTorch "
+          f"{number(torch_ap['AP'])}, {name} {number(file_ap['AP'])} "
+          f"({number(diff['AP'], True)}); " + "; ".join(parts))
+    unclipped = found["pytorch_unclipped"]
+    print(f"(PyTorch's boxes clipped to the image as the file's are; unclipped, as `dinodet "
+          f"eval` scores them: AP {number(unclipped['AP'])}, AP50 {number(unclipped['AP50'])})")
+    each = {side: found["seconds"][side] / found["images"] for side in ("pytorch", "exported")}
+    print(f"time per image: PyTorch {each['pytorch']:.3f} s, {name} {each['exported']:.3f} s")
+    limit = 0.01 if args.max_ap_drop is None else args.max_ap_drop
+    drop = -diff["AP"]
+    if drop > limit:  # nan (no ground truth to score) is no drop
+        print(f"dinodet export: the {name} file's AP is {drop:.3f} below PyTorch's on these "
+              f"images, more than --max-ap-drop {limit:g}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -409,6 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-category-ids", action="store_true",
                    help="class index = category id (original DINO checkpoints on COCO)")
     p.add_argument("--workers", type=_int_in(0), default=2, help="image-reading processes")
+    p.add_argument("--int8", action="store_true",
+                   help="evaluate with the Linear layers quantised to int8 (CPU), to measure "
+                        "what `predict --int8` costs in AP")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("plot", help="draw loss and AP curves of a run to PNG")
@@ -445,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"or 1333/800 of --size; {MIN_EVAL_SIZE} to {MAX_EVAL_MAX_SIZE})")
     p.add_argument("--workers", type=_int_in(0), default=0, help="image-reading processes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--int8", action="store_true",
+                   help="Linear layers quantised to int8: faster on the CPU, approximate "
+                        "(measure with `dinodet eval --int8`)")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("export", help="export a model to ONNX or a torch.export program")
@@ -456,11 +542,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="example input traced (default: the evaluation size, 4:3; each side "
                         "at least 64)")
     p.add_argument("--static", action="store_true",
-                   help="fix batch 2 and the example size instead of dynamic axes")
+                   help="fix batch 1 and the example size instead of dynamic axes")
     p.add_argument("--opset", type=_int_in(17), default=18, help="ONNX opset (>= 17)")
+    p.add_argument("--int8", action="store_true",
+                   help="ONNX only: quantise the MatMul/Gemm weights to int8 (onnxruntime's "
+                        "dynamic quantiser); faster on the CPU, approximate: measure it with "
+                        "--ann / --images")
     p.add_argument("--verify", action="store_true",
                    help="run the file (onnxruntime / torch.export.load) and compare it with "
-                        "PyTorch on random images")
+                        "PyTorch on random images (exit 1 on a mismatch)")
+    p.add_argument("--ann", metavar="VAL.json",
+                   help="with --images: also compare the COCO box AP of the file and of "
+                        "PyTorch on this dataset (implies --verify); exit 1 when the file's "
+                        "AP is more than --max-ap-drop below PyTorch's")
+    p.add_argument("--images", metavar="DIR", help="the image folder of --ann")
+    p.add_argument("--max-images", type=_int_in(1), default=None, metavar="N",
+                   help="with --ann: the first N images (by id) only (default: all)")
+    p.add_argument("--max-ap-drop", type=_fraction, default=None, metavar="D",
+                   help="with --ann: the largest AP (0.50:0.95, in [0, 1]) the file may lose "
+                        "against PyTorch before the exit status is 1 (default 0.01)")
     p.set_defaults(func=_export)
     for command in sub.choices.values():  # `dinodet train ... --debug` works too
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,

@@ -4,16 +4,22 @@ Both hold :class:`ExportGraph`: float32 ``images`` [B, 3, H, W], RGB in [0, 1], 
 by the model's :class:`~dinodet.data.EvalTransform` (B, H, W dynamic unless
 ``dynamic=False``) -> ``boxes`` [B, K, 4] (xyxy pixels of the input, clipped), ``scores``
 [B, K] (descending), ``labels`` [B, K] (int64), K = the model's ``num_select``; no
-threshold. Normalisation and top-k are inside; the deformable attention is traced through
-``grid_sample`` (ONNX GridSample), denoising is off, a batch shares one size. The class
-table and the transform's metadata travel in the file (ONNX ``metadata_props`` key
+threshold. Normalisation and top-k are inside; the deformable attention is traced as a
+Gather of its points' corner rows and a MatMul by their weights
+(:mod:`dinodet.model.ms_deform_attn_onnx`), denoising is off, a batch shares one size. The
+class table and the transform's metadata travel in the file (ONNX ``metadata_props`` key
 ``dinodet``, or the archive's ``dinodet.json``); :func:`read_metadata` reads either.
+
+:func:`verify_coco` measures a file's COCO box AP next to PyTorch's on a dataset;
+:func:`quantize_int8` (``export_model(..., int8=True)``) quantises an ONNX file's MatMul /
+Gemm weights to int8, ``"precision": "int8"`` in its metadata.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -29,13 +35,16 @@ from dinodet.data.transforms import EvalTransform
 from dinodet.model.postprocess import select_top
 
 __all__ = ["EXPORT_FORMATS", "ExportGraph", "ExportedModel", "compare_detections",
-           "export_model", "read_metadata", "run_exported"]
+           "export_model", "quantize_int8", "read_metadata", "run_exported", "verify_coco"]
 
 EXPORT_FORMATS = ("onnx", "torch-export")
 METADATA_KEY = "dinodet"
 DEFAULT_OPSET = 18
 INPUT_NAMES = ["images"]
 OUTPUT_NAMES = ["boxes", "scores", "labels"]
+#: What int8 quantisation changes: the weights of these ONNX operators (onnxruntime's dynamic
+#: quantiser; activations are quantised at run time, the rest stays float32).
+INT8_OPS = ("MatMul", "Gemm")
 
 
 class ExportGraph(nn.Module):
@@ -72,7 +81,7 @@ def _metadata(classes: list[dict[str, Any]] | None, transform: EvalTransform,
               num_classes: int, variant: str | None) -> dict[str, Any]:
     return {"format_version": 1, "input": "float32 [B, 3, H, W] RGB in [0, 1]",
             "outputs": OUTPUT_NAMES, "classes": classes, "num_classes": num_classes,
-            **transform.metadata(), "variant": variant}
+            **transform.metadata(), "variant": variant, "precision": "float32"}
 
 
 def export_model(model: nn.Module, out: str | Path, fmt: str = "onnx", *,
@@ -80,7 +89,7 @@ def export_model(model: nn.Module, out: str | Path, fmt: str = "onnx", *,
                  dynamic: bool = True, opset: int = DEFAULT_OPSET,
                  classes: list[dict[str, Any]] | None = None,
                  transform: EvalTransform | None = None, num_select: int | None = None,
-                 variant: str | None = None) -> Path:
+                 variant: str | None = None, int8: bool = False) -> Path:
     """Trace ``model`` (a :class:`~dinodet.model.DINO`) and write it to ``out``.
 
     Args:
@@ -92,6 +101,9 @@ def export_model(model: nn.Module, out: str | Path, fmt: str = "onnx", *,
         classes / transform: stored as metadata (see :func:`read_metadata`); the
             transform's mean and std normalise inside the graph, its sizes tell a runtime
             how to resize (:meth:`EvalTransform.from_metadata`).
+        int8: ONNX only: write the float32 graph quantised by :func:`quantize_int8` (the
+            float32 file is never written beside ``out``); approximate, measure it with
+            :func:`verify_coco`.
     Returns:
         The path written. It is written atomically (into a temporary folder of a unique name
         beside it, then moved), and checked before any tracing
@@ -104,6 +116,9 @@ def export_model(model: nn.Module, out: str | Path, fmt: str = "onnx", *,
                          f"{', '.join(EXPORT_FORMATS)}")
     if fmt == "onnx" and opset < 17:
         raise ValueError(f"opset {opset} is too old: the graph needs opset >= 17")
+    if int8 and fmt != "onnx":
+        raise ValueError(f"int8 works with the onnx format only (onnxruntime's quantiser), "
+                         f"not {fmt}")
     height, width = example_size
     if min(height, width) < 64 or batch_size < 1:
         raise ValueError(f"example batch {batch_size} of {height}x{width} is too small "
@@ -133,7 +148,7 @@ def export_model(model: nn.Module, out: str | Path, fmt: str = "onnx", *,
 
             _write_beside(out, save)
         else:
-            _export_onnx(graph, example, dims, opset, out, meta)
+            _export_onnx(graph, example, dims, opset, out, meta, int8)
     return out
 
 
@@ -162,13 +177,15 @@ def _temporary_folder(out: Path) -> Iterator[Path]:
 
 
 def _export_onnx(graph: ExportGraph, example: Tensor, dims: dict | None, opset: int,
-                 out: Path, meta: dict[str, Any]) -> None:
+                 out: Path, meta: dict[str, Any], int8: bool = False) -> None:
     try:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError as e:
         raise ImportError(f"ONNX export needs the onnx and onnxscript packages ({e.name} is "
                           "missing): pip install 'dinodet[export]'") from e
+    if int8:
+        _quantizer()  # a missing onnxruntime is said before the (slow) tracing
     program = torch.onnx.export(graph, (example,), input_names=INPUT_NAMES,
                                 output_names=OUTPUT_NAMES, dynamic_shapes=dims,
                                 opset_version=opset, dynamo=True, verbose=False)
@@ -177,7 +194,97 @@ def _export_onnx(graph: ExportGraph, example: Tensor, dims: dict | None, opset: 
     program.model.metadata_props[METADATA_KEY] = json.dumps(meta)
     # Weights of a model over 2 GB go to a side file named after the model; writing under
     # out's own name in a temporary folder keeps that reference right once moved.
-    _write_beside(out, lambda path: program.save(path))
+    if not int8:
+        _write_beside(out, lambda path: program.save(path))
+        return
+
+    def save_int8(path: Path) -> None:
+        # the float32 graph in a scratch folder of its own, gone before the move
+        with _temporary_folder(path) as scratch:
+            program.save(scratch / path.name)
+            _quantize(scratch / path.name, path, meta)
+
+    _write_beside(out, save_int8)
+
+
+def _quantizer() -> Any:
+    try:
+        from onnxruntime import quantization
+    except ImportError as e:
+        raise ImportError("int8 quantisation needs onnxruntime: pip install "
+                          "'dinodet[export]'") from e
+    return quantization
+
+
+class _DropLog(logging.Filter):
+    """Drops the log records whose message holds ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def _quantize(source: Path, out: Path, meta: dict[str, Any], per_channel: bool = False
+              ) -> None:
+    """onnxruntime's dynamic quantisation of ``source``'s :data:`INT8_OPS` weights (QInt8,
+    symmetric; activations quantised at run time) into ``out``, with ``meta`` marked int8."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    q = _quantizer()
+    weights = onnx.load(str(source), load_external_data=False).graph.initializer
+    big = any(uses_external_data(t) for t in weights)  # over 2 GB: so is the int8 file
+    # The quantiser logs advice to pre-process the graph, whose shape inference fails on
+    # this one (and does not change which weights are quantised): not shown.
+    quiet = _DropLog("pre-processing")
+    logging.getLogger().addFilter(quiet)
+    try:
+        q.quantize_dynamic(source, out, op_types_to_quantize=list(INT8_OPS),
+                           per_channel=per_channel, weight_type=q.QuantType.QInt8,
+                           use_external_data_format=big)
+    finally:
+        logging.getLogger().removeFilter(quiet)
+    model = onnx.load(str(out), load_external_data=False)
+    quantised = sum(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")
+                    for n in model.graph.node)
+    meta = {**meta, "precision": "int8",
+            "int8": {"method": "onnxruntime.quantization.quantize_dynamic",
+                     "ops": list(INT8_OPS), "weight_type": "QInt8",
+                     "per_channel": per_channel, "quantized_nodes": quantised}}
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key != METADATA_KEY]
+    del model.metadata_props[:]  # ours, copied by the quantiser, is replaced
+    for key, value in [*kept, (METADATA_KEY, json.dumps(meta))]:
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(out))  # the external data (if any) stays where the quantiser put it
+
+
+def quantize_int8(source: str | Path, out: str | Path, *, per_channel: bool = False) -> Path:
+    """Quantise a float32 ``.onnx`` file of :func:`export_model` to int8, into ``out``.
+
+    onnxruntime's dynamic quantiser (``quantize_dynamic``): the weights of every
+    :data:`INT8_OPS` node with a constant weight (the transformer's and heads' linear
+    layers) become symmetric int8 (QInt8, one scale per tensor, or per output channel with
+    ``per_channel``); their inputs are quantised at run time; convolutions, the deformable
+    sampling and the rest stay float32. The metadata says ``"precision": "int8"``. The
+    detections are approximate: measure them with :func:`verify_coco`. ``out`` is written
+    atomically and may be ``source`` itself."""
+    from dinodet.errors import UserError
+    from dinodet.weights import check_output_file
+
+    source = Path(source)
+    meta = read_metadata(source)
+    if source.suffix != ".onnx":
+        raise UserError(f"{source}: int8 quantisation takes an .onnx file, not a "
+                        "torch.export archive")
+    if meta.get("precision", "float32") != "float32":
+        raise UserError(f"{source} is already {meta['precision']}: quantise its float32 "
+                        "export")
+    out = check_output_file(out, "int8 file")
+    _write_beside(out, lambda path: _quantize(source, path, meta, per_channel))
+    return out
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -225,8 +332,15 @@ class ExportedModel:
                                   "pip install 'dinodet[export]'") from e
             self._session = ort.InferenceSession(
                 str(self.path), providers=providers or ["CPUExecutionProvider"])
+            dims = self._session.get_inputs()[0].shape
         else:
-            self._module = torch.export.load(self.path).module()
+            program = torch.export.load(self.path)
+            self._module = program.module()
+            first = program.graph_signature.user_inputs[0]
+            val = next(n for n in program.graph.nodes if n.name == first).meta.get("val")
+            dims = list(val.shape) if val is not None else [None] * 4
+        #: [B, 3, H, W]: an int where the file fixes the size (``dynamic=False``), else None
+        self.input_shape: list[int | None] = [d if isinstance(d, int) else None for d in dims]
 
     def __call__(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if self.format == "onnx":
@@ -273,3 +387,148 @@ def compare_detections(expected: tuple[Tensor, Tensor, Tensor],
             worst["score"] = max(worst["score"], float(cost[j]))
             worst["box"] = max(worst["box"], float(box_err[j]))
     return worst
+
+
+class _ResizeOnly:
+    """``transform``'s resize of a COCO sample, boxes following, and nothing else: the
+    sample becomes the RGB [0, 1] image the exported graph takes (it normalises inside)."""
+
+    def __init__(self, transform: EvalTransform) -> None:
+        self.transform = transform
+
+    def __call__(self, image: Tensor, target: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+        from torchvision.transforms.v2 import functional as F
+
+        size = list(self.transform.output_size(*image.shape[-2:]))
+        return (F.resize(image, size, antialias=True),
+                {**target, "boxes": F.resize(target["boxes"], size)})
+
+
+def _label_table(classes: list[dict[str, Any]] | None, num_classes: int, dataset: Any,
+                 ann: str | Path) -> tuple[list[int], list[str]]:
+    """class index -> (category id, name), from the model's class table when it has one (as
+    :func:`~dinodet.engine.evaluate.evaluate_checkpoint` reads it), else the dataset's."""
+    from dinodet.errors import UserError
+
+    label_to_id, names = list(dataset.label_to_category_id), list(dataset.class_names)
+    if classes is not None:
+        # by label; a label without an entry gets category -1, which no ground truth has
+        by_label = {int(c["label"]): c for c in classes}
+        size = max(num_classes, max(by_label, default=-1) + 1)
+        label_to_id = [int(by_label[i]["category_id"]) if i in by_label else -1
+                       for i in range(size)]
+        names = [str(by_label[i].get("name", i)) if i in by_label else str(i)
+                 for i in range(size)]
+        unknown = sorted(set(dataset.label_to_category_id) - set(label_to_id))
+        if unknown:
+            raise UserError(f"{ann} has categories {unknown[:10]} the model was not "
+                            "trained on")
+    if num_classes < len(label_to_id):
+        raise UserError(f"the model predicts {num_classes} classes but {ann} needs "
+                        f"{len(label_to_id)}")
+    return label_to_id, names
+
+
+def verify_coco(path: str | Path | ExportedModel, model: nn.Module, ann: str | Path,
+                images: str | Path, *, max_images: int | None = None,
+                keep_category_ids: bool = False, progress: bool = False) -> dict[str, Any]:
+    """COCO box metrics of an exported file and of the PyTorch ``model`` it was exported
+    from, on the same images of a COCO-format dataset.
+
+    Every image of ``ann`` (the first ``max_images`` by image id; all by default) is
+    resized by the file's :class:`~dinodet.data.EvalTransform` (its metadata) to RGB
+    [0, 1]. The file (:class:`ExportedModel`: onnxruntime or ``torch.export``) runs on it
+    alone (one image at a time: a batch shares one size), its boxes scaled back to the
+    original image; ``model`` runs on it normalised, its outputs through
+    :func:`~dinodet.model.postprocess.postprocess`, which is what ``dinodet eval`` does at
+    batch 1. The file clips its boxes to the image and eval does not (as the original's
+    evaluation), which moves the AP by up to a point or so; so PyTorch's boxes are scored
+    clipped too ("pytorch": the reference the file is held to) and as eval writes them
+    ("pytorch_unclipped": ``dinodet eval``'s metrics on these images). Every score is
+    pycocotools' through :class:`~dinodet.engine.evaluate.CocoEvaluator`.
+
+    Returns:
+        ``{"ann", "images" (evaluated), "skipped" (unreadable files), "precision" (the
+        file's), "pytorch", "exported", "pytorch_unclipped" (``METRIC_NAMES`` -> [0, 1], -1
+        where undefined), "difference" (exported - pytorch; nan where either is
+        undefined), "seconds" ({"pytorch", "exported"}: time spent running each)}``.
+    """
+    import math
+    import time
+
+    from tqdm import tqdm
+
+    from dinodet.data.coco import CocoDetection, SkippedImage
+    from dinodet.engine.evaluate import CocoEvaluator
+    from dinodet.errors import UserError
+    from dinodet.model.postprocess import postprocess
+
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"max_images must be >= 1, got {max_images}")
+    exported = path if isinstance(path, ExportedModel) else ExportedModel(path)
+    meta = exported.metadata
+    cfg = getattr(model, "cfg", None)
+    num_classes = int(getattr(cfg, "num_classes", 0))
+    if meta.get("num_classes") and int(meta["num_classes"]) != num_classes:
+        raise UserError(f"{exported.path} was exported from a model of "
+                        f"{meta['num_classes']} classes, not of {num_classes}")
+    transform = EvalTransform.from_metadata(meta)
+    classes = meta.get("classes")
+    dataset = CocoDetection(ann, images, _ResizeOnly(transform),
+                            keep_category_ids=keep_category_ids or classes is None)
+    label_to_id, names = _label_table(classes, num_classes, dataset, ann)
+    evaluators = {side: CocoEvaluator(dataset.coco, label_to_id, names)
+                  for side in ("pytorch", "exported", "pytorch_unclipped")}
+    seconds = {"pytorch": 0.0, "exported": 0.0}
+    param = next(model.parameters())
+    mean = torch.tensor(transform.mean, device=param.device).view(1, 3, 1, 1)
+    std = torch.tensor(transform.std, device=param.device).view(1, 3, 1, 1)
+    fixed = exported.input_shape
+    count = len(dataset) if max_images is None else min(max_images, len(dataset))
+    skipped: list[str] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for index in tqdm(range(count), unit="image", disable=not progress or count <= 4):
+            sample = dataset[index]
+            if isinstance(sample, SkippedImage):
+                skipped.append(sample.path)
+                continue
+            image, target = sample
+            image_id, h, w = int(target["image_id"]), *image.shape[-2:]
+            if (fixed[2] or h, fixed[3] or w) != (h, w):
+                raise UserError(
+                    f"{exported.path} takes only {fixed[2]}x{fixed[3]} images (exported with "
+                    f"static sizes) but {dataset.image_path(index)} is resized to {h}x{w}: "
+                    f"export with dynamic sizes to verify it on {ann}")
+            batch = image[None].expand(fixed[0] or 1, -1, -1, -1).contiguous()
+            original = [int(v) for v in target["orig_size"]]
+            start = time.perf_counter()
+            boxes, scores, labels = exported(batch)
+            seconds["exported"] += time.perf_counter() - start
+            evaluators["exported"].update({image_id: {
+                "boxes": transform.boxes_to_original(boxes[0].float(), (h, w), original),
+                "scores": scores[0], "labels": labels[0]}})
+            start = time.perf_counter()
+            with torch.inference_mode():
+                out = model((batch[:1].to(param) - mean) / std)
+                out = {k: out[k].float() for k in ("pred_logits", "pred_boxes")}
+                found = postprocess(out, [(original[0], original[1])],
+                                    num_select=cfg.num_select if cfg is not None else 300)
+            seconds["pytorch"] += time.perf_counter() - start
+            evaluators["pytorch_unclipped"].update({image_id: found[0]})
+            size = torch.tensor(original[::-1] * 2, dtype=found[0]["boxes"].dtype)
+            clipped = torch.minimum(found[0]["boxes"].cpu().clamp(min=0), size)
+            evaluators["pytorch"].update({image_id: {**found[0], "boxes": clipped}})
+    finally:
+        model.train(was_training)
+    if not evaluators["exported"].image_ids:
+        raise UserError(f"no image of {ann} could be read from {images}")
+    metrics = {side: e.summarize().metrics for side, e in evaluators.items()}
+    difference = {
+        name: (metrics["exported"][name] - metrics["pytorch"][name]
+               if min(metrics["exported"][name], metrics["pytorch"][name]) >= 0 else math.nan)
+        for name in metrics["pytorch"]}
+    return {"ann": str(ann), "images": len(evaluators["exported"].image_ids),
+            "skipped": skipped, "precision": meta.get("precision", "float32"), **metrics,
+            "difference": difference, "seconds": seconds}

@@ -4,6 +4,7 @@ EvalTransform; boxes come back in the pixels of the image as given (upright)."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from torch.utils.data import Dataset
 from dinodet.data.coco import SkippedImage
 from dinodet.data.images import IMAGE_EXTENSIONS, ImageInput, ImageReadError, load_image
 from dinodet.data.transforms import EvalTransform
+from dinodet.errors import UserError
 from dinodet.structures import ImageBatch
 from dinodet.weights import WeightsChoice, check_classes, load_model
 
@@ -95,17 +97,34 @@ class Detector:
 
     Every image goes through ``transform``, the :class:`~dinodet.data.EvalTransform` that
     evaluation uses, so a 50-megapixel photo runs at the model's size.
+
+    ``int8=True`` (CPU and float32 only) runs a copy of the model with its Linear layers
+    dynamically quantised to int8 (:func:`dinodet.model.quantize.quantize_int8`): faster
+    on the CPU, and approximate, so it warns once (an
+    :class:`~dinodet.model.quantize.Int8Warning`); measure the AP change with
+    ``dinodet eval --int8``. Each image's activations are quantised with a scale taken from
+    its whole batch, so with int8 the batch can change an image's detections slightly.
     """
 
     def __init__(self, model: torch.nn.Module, classes: list[dict[str, Any]] | None = None,
                  transform: EvalTransform | None = None, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, *, eval_size: int | None = None,
-                 max_size: int | None = None) -> None:
+                 max_size: int | None = None, int8: bool = False) -> None:
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
         self.device = torch.device(device)
         self.dtype = dtype
+        self.int8 = bool(int8)
+        if self.int8:
+            _check_int8(self.device, dtype)
         self.model = model.eval().to(self.device)
+        if self.int8:
+            from dinodet.model.quantize import Int8Warning, int8_counts, quantize_int8
+
+            self.model = quantize_int8(self.model)  # a copy: ``model`` stays float
+            warnings.warn(f"int8: {int8_counts(self.model).describe()}; int8 detections "
+                          "are approximate, measure the AP change on your data with "
+                          "`dinodet eval --int8`", Int8Warning, stacklevel=2)
         self.transform = (transform or EvalTransform()).with_sizes(eval_size, max_size)
         if self.transform.size < 32 or self.transform.max_limit < self.transform.size:
             raise ValueError(f"eval_size {self.transform.size} / max_size "
@@ -131,16 +150,18 @@ class Detector:
     def from_pretrained(cls, path: str | Path, variant: str | None = None,
                         device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32, eval_size: int | None = None,
-                        max_size: int | None = None, weights: WeightsChoice = "ema"
-                        ) -> Detector:
+                        max_size: int | None = None, weights: WeightsChoice = "ema",
+                        int8: bool = False) -> Detector:
         """A run checkpoint (.pt), a model directory, or an original DINO .pth with
         ``variant`` (see :func:`dinodet.weights.load_model`; ``weights`` picks the EMA or
         raw weights of a run checkpoint). The transform is the one the model was
         evaluated with (800 px where unknown); ``eval_size`` / ``max_size`` change it
-        (:meth:`EvalTransform.with_sizes`)."""
+        (:meth:`EvalTransform.with_sizes`). ``int8``: as for the constructor."""
+        if int8:  # before the (slow) read of the checkpoint
+            _check_int8(torch.device(device), dtype)
         loaded = load_model(path, variant, weights)
         return cls(loaded.model, loaded.classes, loaded.transform, device, dtype,
-                   eval_size=eval_size, max_size=max_size)
+                   eval_size=eval_size, max_size=max_size, int8=int8)
 
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
         """(h, w) an image of (``height``, ``width``) is resized to."""
@@ -228,6 +249,15 @@ class Detector:
                                       list(self.class_names), (h, w),
                                       self.label_to_category_id))
         return results
+
+
+def _check_int8(device: torch.device, dtype: torch.dtype) -> None:
+    if device.type != "cpu":
+        raise UserError(f"int8 runs on the CPU only, not on device {device}; use "
+                        "device='cpu' or drop int8")
+    if dtype != torch.float32:
+        raise UserError(f"int8 needs dtype float32, not {str(dtype).removeprefix('torch.')}; "
+                        "drop the dtype or int8")
 
 
 def _read_error(file: str) -> ImageReadError:

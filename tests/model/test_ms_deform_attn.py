@@ -297,3 +297,47 @@ def test_ffn_chunks_and_backward():
     torch.testing.assert_close(ffn(x), whole, atol=1e-14, rtol=0)
     # In-place ReLU on linear1's output is safe for autograd.
     assert torch.autograd.gradcheck(ffn, (x,), fast_mode=True)
+
+
+def test_cpu_backward_equals_autograd_through_the_corner_ops():
+    # The CPU training path (_SampleCPU's closed-form backward) against autograd through
+    # the same corner arithmetic (the CUDA path), with points far outside the maps, on
+    # pixel centres and borders, and exactly on the clamp at -1 and size.
+    value, shapes, loc, w = off_boundary_inputs()
+    loc = loc.clone()
+    sizes = torch.tensor([[wd, h] for h, wd in shapes], dtype=F64)[:, None]
+    loc[0, 0] = 7.0  # far outside: clamped, no gradient
+    loc[0, 1, 0] = (torch.tensor([0.0, 1.0]) + 0.5) / sizes[:, 0]  # pixel centres
+    loc[0, 1, 1] = (sizes[:, 0] - 0.5) / sizes[:, 0]  # the last centre
+    loc[0, 2, 0, :, 0] = -0.5 / sizes[:, 0]  # on the clamp at -1
+    loc[0, 2, 1, :, 1] = (sizes[:, 0] + 0.5) / sizes[:, 0]  # on the clamp at size
+    n, lq, m, levels, points, _ = loc.shape
+    attn = w.reshape(n, lq, m, 1, levels * points)
+
+    def grads(custom):
+        v, x, a = (t.clone().requires_grad_() for t in (value, loc, attn))
+        sampler = msda._Sampler(v, shapes, points)
+        pix = sampler.pixels(x)
+        if custom:
+            out = msda._SampleCPU.apply(sampler.table, pix, a, sampler)
+        else:
+            index, weights, _, _ = sampler.corners(pix, a)
+            out = sampler.bag(sampler.table, index, weights)
+        out.sin().sum().backward()
+        return out.detach(), v.grad, x.grad, a.grad
+
+    for got, expected in zip(grads(True), grads(False)):
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+    assert grads(True)[2][0, 0].abs().max() == 0  # clamped far away: no location gradient
+
+
+def test_cpu_training_runs_the_closed_form_backward():
+    value, shapes, loc, w = make_inputs(2, 2, 2, dtype=torch.float32)
+    for t in (value, loc, w):
+        t.requires_grad_()
+    with torch.profiler.profile() as prof:
+        ms_deform_attn(value, shapes, loc, w).sum().backward()
+    names = {e.key for e in prof.key_averages()}
+    assert "_SampleCPUBackward" in names
+    assert any("sampled_addmm" in name for name in names)
+    assert "aten::_embedding_bag_per_sample_weights_backward" not in names

@@ -29,6 +29,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor, nn
 
+from dinodet.errors import UserError
 from dinodet.model.postprocess import postprocess
 
 __all__ = ["METRIC_NAMES", "CocoEvaluator", "EvalResult", "evaluate", "evaluate_checkpoint",
@@ -294,12 +295,15 @@ def evaluate_checkpoint(checkpoint: str | Path, ann: str | Path, images: str | P
                         batch_size: int = 1, eval_size: int | None = None,
                         max_size: int | None = None, keep_category_ids: bool = False,
                         num_workers: int = 2, device: str = "auto",
-                        weights: str = "ema") -> EvalResult:
+                        weights: str = "ema", int8: bool = False) -> EvalResult:
     """COCO metrics of any model file :func:`~dinodet.weights.load_model` opens, its images
     through the model's :class:`~dinodet.data.EvalTransform` (``eval_size`` / ``max_size``
     override it as in ``dinodet predict``). The detections are kept in the result's
     ``detections`` and written to ``out`` if given (atomically); ``out`` is checked
-    (:func:`~dinodet.weights.check_output_file`) before anything is read or evaluated."""
+    (:func:`~dinodet.weights.check_output_file`) before anything is read or evaluated.
+    ``int8``: evaluate the model with its Linear layers dynamically quantised to int8
+    (:func:`~dinodet.model.quantize.quantize_int8`), on the CPU ("auto" picks it), to
+    measure what int8 costs in AP."""
     from dinodet.data.coco import CocoDetection
     from dinodet.data.collate import build_loader
     from dinodet.engine.distributed import resolve_device
@@ -311,6 +315,10 @@ def evaluate_checkpoint(checkpoint: str | Path, ann: str | Path, images: str | P
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     if out is not None:
         check_output_file(out, "results file")
+    if int8 and device != "auto" and str(device).split(":")[0] != "cpu":
+        raise UserError(f"int8 runs on the CPU only, not on device {device!r}; use "
+                        "device cpu or auto, or drop int8")
+    dev = resolve_device("cpu" if int8 else device)
     loaded = load_model(checkpoint, variant, weights)  # type: ignore[arg-type]
     # The original checkpoints index classes by raw COCO id.
     keep_ids = keep_category_ids or loaded.classes is None
@@ -333,8 +341,11 @@ def evaluate_checkpoint(checkpoint: str | Path, ann: str | Path, images: str | P
     if loaded.model.num_classes < len(label_to_id):
         raise ValueError(f"the model predicts {loaded.model.num_classes} classes but "
                          f"{ann} needs {len(label_to_id)}")
-    dev = resolve_device(device)
     model = loaded.model.to(dev)
+    if int8:
+        from dinodet.model.quantize import quantize_int8
+
+        quantize_int8(model, inplace=True)  # the model is this function's own
     loader = build_loader(dataset, batch_size, train=False, num_workers=num_workers)
     result, results = evaluate(model, loader, dev, label_to_id, dataset.coco,
                                num_select=model.cfg.num_select, class_names=names)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinodet.model import ms_deform_attn_triton
+from dinodet.model.linear import Linear
 from dinodet.model.tracing import exporting
 from dinodet.structures import to_device
 
@@ -51,10 +53,12 @@ from dinodet.structures import to_device
 # memory; 2**17 to 2**19 measured alike. On CUDA, chunks only bound the memory; small ones
 # would make it launch-bound.
 _CPU_CHUNK_CORNERS = 2**18
-# When autograd records, every chunk's backward materialises a gradient of the whole value
-# table that autograd then sums over the chunks: fewer, larger chunks pay that less often
-# (about 10 % of a CPU training step of r50-4scale at 512×512).
-_CPU_CHUNK_CORNERS_GRAD = 2**20
+# When autograd records, every chunk's backward builds a gradient of the whole value table
+# (a bag per table row) that autograd then sums over the chunks: the fewer the chunks, the
+# less that costs. 2**23 corners (one chunk per encoder layer of a batch of 2 at 512×512)
+# ran one attention layer's forward and backward 3.5× faster than 2**20 on 2 threads;
+# the extra temporaries (about 40 bytes per corner) are transient.
+_CPU_CHUNK_CORNERS_GRAD = 2**23
 _CUDA_CHUNK_CORNERS = 2**25
 
 
@@ -129,9 +133,16 @@ class _Sampler:
         xy = xy.to(self.compute).contiguous()
         return torch.addcmul(self.neg_half, xy, self.sizes)
 
-    def sample(self, pix: Tensor, attn: Tensor) -> Tensor:
-        """Planar pixel coordinates [N, q, M, 2, L·P] and attention weights [N, q, M, 1, L·P]
-        (compute dtype) -> [N, q, M·D] (compute dtype)."""
+    def corners(self, pix: Tensor, attn: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Table rows and weights of the 4 corners of every point.
+
+        Args: planar pixel coordinates [N, q, M, 2, L·P] and attention weights
+            [N, q, M, 1, L·P] (compute dtype).
+        Returns: ``index`` [N·q·M, 4·L·P] table rows, ``weights`` [N, q, M, y, x, L·P]
+            (bilinear × attention), ``corner_w`` [N, q, M, corner, axis, L·P] (the bilinear
+            weight of each corner along each axis, 0 off the map) and ``inside``
+            (same shape: 1 where that corner lies on the map along that axis, else 0).
+        """
         n, q, m = pix.shape[:3]
         # Clamping to [-1, size] keeps far-away (or infinite) points finite, with weight 0. A
         # NaN coordinate reads corner -1 (a valid row) with NaN weights: NaN out, as with
@@ -154,9 +165,91 @@ class _Sampler:
         # Table rows: x·M and base + y·W·M (base: batch, level start and head).
         rows = clamped.to(self.idx_dtype).mul_(self.steps).add_(self.base)
         index = rows[:, :, :, :, None, 1] + rows[:, :, :, None, :, 0]  # [.., y, x, L·P]
-        out = F.embedding_bag(index.view(n * q * m, -1), self.table, mode="sum",
-                              per_sample_weights=weights.view(n * q * m, -1))
-        return out.view(n, q, m * self.d)
+        return index.view(n * q * m, -1), weights, corner_w, inside
+
+    def bag(self, table: Tensor, index: Tensor, weights: Tensor) -> Tensor:
+        """Σ over each row of ``index`` of weight × table row: [N·q·M, D]."""
+        return F.embedding_bag(index, table, mode="sum",
+                               per_sample_weights=weights.reshape(index.shape))
+
+    def sample(self, pix: Tensor, attn: Tensor) -> Tensor:
+        """Planar pixel coordinates [N, q, M, 2, L·P] and attention weights [N, q, M, 1, L·P]
+        (compute dtype) -> [N, q, M·D] (compute dtype)."""
+        n, q = pix.shape[:2]
+        if (self.device.type == "cpu" and torch.is_grad_enabled()
+                and (self.table.requires_grad or pix.requires_grad or attn.requires_grad)):
+            out = _SampleCPU.apply(self.table, pix, attn, self)
+        else:  # no gradient, or autograd through the ops (CUDA)
+            index, weights, _, _ = self.corners(pix, attn)
+            out = self.bag(self.table, index, weights)
+        return out.view(n, q, self.m * self.d)
+
+
+class _SampleCPU(torch.autograd.Function):
+    """:meth:`_Sampler.sample` with a hand-written backward, for CPU training.
+
+    Autograd through the corner arithmetic would keep and differentiate a dozen
+    [N, q, M, 2, 2, L·P] temporaries, and ``embedding_bag``'s gradient in its per-sample
+    weights gathers every corner's row; here the weights' gradient is one sampled product
+    (``torch.sparse.sampled_addmm``: grad_out · table rowᵀ at each corner), from which the
+    coordinates' and attention's gradients follow in closed form: with
+    ``weight[y, x] = attn · w_y[y] · w_x[x]``, ``w[0] = (1 − frac)·inside[0]``,
+    ``w[1] = frac·inside[1]``, ``∂/∂frac_x = Σ_y G[y, x]·attn·w_y[y]·(±inside[x])``
+    (and alike for y), ``∂/∂attn = Σ G·w_y·w_x``; the clamp of the coordinates to
+    [-1, size] passes the gradient inside that range only, as ``torch.clamp`` does. The
+    values' gradient is an ``embedding_bag`` too, over the corners sorted by table row.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, table: Tensor, pix: Tensor, attn: Tensor,
+                sampler: _Sampler) -> Tensor:
+        index, weights, corner_w, inside = sampler.corners(pix, attn)
+        passes = (pix >= sampler.minus_one) & (pix <= sampler.sizes)
+        ctx.save_for_backward(table, attn, index, weights, corner_w, inside, passes)
+        return sampler.bag(table, index, weights)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        table, attn, index, weights, corner_w, inside, passes = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_table = grad_pix = grad_attn = None
+        if ctx.needs_input_grad[0]:
+            # Each table row sums weight × grad over the corners that read it: the corners
+            # sorted by row (a stable sort of the int32 rows, about twice as fast here as
+            # embedding_bag's own backward, which sorts them as int64) make that one
+            # embedding_bag over grad's rows, a bag per table row.
+            per_row = index.shape[1]
+            flat = index.view(-1)
+            order = flat.sort(stable=True).indices
+            counts = torch.bincount(flat, minlength=table.shape[0])
+            grad_table = F.embedding_bag(
+                order // per_row, grad, counts.cumsum(0) - counts, mode="sum",
+                per_sample_weights=weights.reshape(-1)[order])
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            rows, per_row = index.shape
+            crow = torch.arange(0, rows * per_row + 1, per_row, dtype=index.dtype,
+                                device=index.device)
+            with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore")
+                pattern = torch.sparse_csr_tensor(
+                    crow, index.view(-1), weights.new_empty(rows * per_row),
+                    (rows, table.shape[0]), check_invariants=False)
+                g = torch.sparse.sampled_addmm(pattern, grad, table.t(), beta=0.0)
+            g = g.values().view(weights.shape)  # [N, q, M, y, x, L·P]
+            w_x, w_y = corner_w[:, :, :, :, 0], corner_w[:, :, :, :, 1]  # [.., corner, L·P]
+            t_y = (g * w_x[:, :, :, None]).sum(4)  # Σ_x G·w_x: [N, q, M, y, L·P]
+            if ctx.needs_input_grad[2]:
+                grad_attn = (t_y * w_y).sum(3, keepdim=True)
+            if ctx.needs_input_grad[1]:
+                u_x = (g * (w_y * attn)[:, :, :, :, None]).sum(3)  # Σ_y G·attn·w_y
+                h_y = t_y * attn
+                # ∂w[0]/∂frac = −inside[0], ∂w[1]/∂frac = inside[1], per axis.
+                gx = (u_x[:, :, :, 1] * inside[:, :, :, 1, 0]
+                      - u_x[:, :, :, 0] * inside[:, :, :, 0, 0])
+                gy = (h_y[:, :, :, 1] * inside[:, :, :, 1, 1]
+                      - h_y[:, :, :, 0] * inside[:, :, :, 0, 1])
+                grad_pix = torch.stack((gx, gy), 3) * passes
+        return grad_table, grad_pix, grad_attn, None
 
 
 def ms_deform_attn(
@@ -295,10 +388,10 @@ class MSDeformAttn(nn.Module):
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.dim, self.num_levels, self.num_heads, self.num_points = (
             dim, num_levels, num_heads, num_points)
-        self.sampling_offsets = nn.Linear(dim, num_heads * num_levels * num_points * 2)
-        self.attention_weights = nn.Linear(dim, num_heads * num_levels * num_points)
-        self.value_proj = nn.Linear(dim, dim)
-        self.output_proj = nn.Linear(dim, dim)
+        self.sampling_offsets = Linear(dim, num_heads * num_levels * num_points * 2)
+        self.attention_weights = Linear(dim, num_heads * num_levels * num_points)
+        self.value_proj = Linear(dim, dim)
+        self.output_proj = Linear(dim, dim)
         self.reset_parameters()
 
     _backend: Backend  # kept in __dict__ (see the setter): never a registered submodule
@@ -385,8 +478,11 @@ class MSDeformAttn(nn.Module):
         value = value.view(n, s, self.num_heads, self.dim // self.num_heads)
         if exporting():
             # torch.export / ONNX: one traceable graph without data-sized chunk loops or
-            # embedding_bag (which ONNX lacks); grid_sample maps to ONNX GridSample.
-            out = ms_deform_attn_grid_sample(
+            # embedding_bag (which ONNX lacks): one Gather of corner rows and a MatMul by
+            # their weights (see ms_deform_attn_onnx), cheaper than GridSample per level.
+            from dinodet.model import ms_deform_attn_onnx
+
+            out = ms_deform_attn_onnx.ms_deform_attn(
                 value, spatial_shapes,
                 *self._locations_and_weights(query, reference_points, spatial_shapes))
         elif callable(self._backend):

@@ -1,0 +1,218 @@
+"""The export formulation of deformable attention (one Gather of corner rows and a MatMul)
+against the embedding_bag path and grid_sample, and through torch.export and onnxruntime
+with dynamic sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from dinodet.model import ms_deform_attn_onnx
+from dinodet.model.ms_deform_attn import ms_deform_attn, ms_deform_attn_grid_sample
+
+F64 = torch.float64
+# Odd, non-square sizes, a 1×1 level, tall and wide ones.
+SHAPES = [(3, 5), (2, 7), (1, 1), (5, 3)]
+
+
+def make_inputs(num_levels: int, num_heads: int, num_points: int, n: int = 2, lq: int = 7,
+                d: int = 3, dtype: torch.dtype = F64, seed: int = 0,
+                shapes: list[tuple[int, int]] | None = None
+                ) -> tuple[Tensor, list[tuple[int, int]], Tensor, Tensor]:
+    """Values, shapes, locations (about a third of them partly or wholly outside, the
+    first query's on borders, pixel centres and boundaries, and far away) and weights."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = shapes or SHAPES[:num_levels]
+    s = sum(h * w for h, w in shapes)
+    value = torch.randn(n, s, num_heads, d, generator=g, dtype=F64)
+    loc = torch.rand(n, lq, num_heads, num_levels, num_points, 2, generator=g, dtype=F64)
+    loc = loc * 1.8 - 0.4
+    wh = torch.tensor([[w, h] for h, w in shapes], dtype=F64)  # [L, 2]
+    special = [torch.zeros(num_levels, 2), torch.ones(num_levels, 2),  # borders
+               0.5 / wh, (wh - 0.5) / wh,  # first and last pixel centres
+               1 / wh, 1 - 1 / wh,  # boundaries between pixels
+               -0.5 / wh, 1 + 0.5 / wh,  # half a pixel outside
+               torch.full((num_levels, 2), -6.0), torch.full((num_levels, 2), 9.0),
+               torch.tensor([1.0, 0.0]).expand(num_levels, 2),
+               torch.tensor([-0.2, 0.6]).expand(num_levels, 2)]
+    k = 0
+    for b in range(n):
+        for head in range(num_heads):
+            for p in range(num_points):
+                loc[b, 0, head, :, p] = special[k % len(special)]
+                k += 1
+    w = torch.rand(n, lq, num_heads, num_levels, num_points, generator=g, dtype=F64)
+    w = w / w.sum((-1, -2), keepdim=True)
+    return value.to(dtype), shapes, loc.to(dtype), w.to(dtype)
+
+
+CONFIGS = [(1, 1, 1), (1, 3, 4), (2, 3, 2), (3, 2, 3), (4, 3, 4), (4, 2, 1)]  # (L, M, P)
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize(("levels", "heads", "points"), CONFIGS)
+def test_matches_embedding_bag_and_grid_sample(levels, heads, points, dtype):
+    value, shapes, loc, w = make_inputs(levels, heads, points, dtype=dtype)
+    got = ms_deform_attn_onnx.ms_deform_attn(value, shapes, loc, w)
+    assert got.shape == (2, 7, heads * 3) and got.dtype == dtype
+    tol = {"atol": 1e-12, "rtol": 0} if dtype == F64 else {"atol": 2e-6, "rtol": 1e-5}
+    torch.testing.assert_close(got, ms_deform_attn(value, shapes, loc, w), **tol)
+    torch.testing.assert_close(got, ms_deform_attn_grid_sample(value, shapes, loc, w), **tol)
+
+
+def test_batch_entries_and_heads_read_their_own_values():
+    value, shapes, loc, w = make_inputs(3, 2, 2, n=3, lq=4)
+    whole = ms_deform_attn_onnx.ms_deform_attn(value, shapes, loc, w)
+    for b in range(3):
+        one = ms_deform_attn_onnx.ms_deform_attn(value[b:b + 1], shapes, loc[b:b + 1],
+                                                 w[b:b + 1])
+        torch.testing.assert_close(one, whole[b:b + 1], atol=1e-14, rtol=0)
+    # A value change in batch 1 moves batch 1's output only.
+    value2 = value.clone()
+    value2[1] += 1
+    moved = ms_deform_attn_onnx.ms_deform_attn(value2, shapes, loc, w) != whole
+    assert moved[1].any() and not moved[0].any() and not moved[2].any()
+
+
+def test_more_queries_than_pieces_and_fewer():
+    # PIECES slices of the rows: fewer rows than slices (empty ones) and uneven ones.
+    for lq in (1, 5, 37):
+        value, shapes, loc, w = make_inputs(2, 1, 2, n=1, lq=lq)
+        torch.testing.assert_close(ms_deform_attn_onnx.ms_deform_attn(value, shapes, loc, w),
+                                   ms_deform_attn(value, shapes, loc, w), atol=1e-12, rtol=0)
+
+
+def test_non_finite_locations():
+    value, shapes, loc, w = make_inputs(2, 3, 2, lq=3)
+    loc[1, 1, 0, 0, 0, 0] = float("nan")
+    out = ms_deform_attn_onnx.ms_deform_attn(value, shapes, loc, w)
+    assert out[1, 1, :3].isnan().all()  # NaN in, NaN out for that (query, head), no crash
+    assert out.isnan().sum() == 3
+    # Infinite and huge coordinates are outside: as far-away points.
+    loc[1, 1, 0, 0, 0, 0] = float("inf")
+    loc[0, 2, 1, 1, 1, 1] = -float("inf")
+    loc[1, 2, 2, 0, 1, 0] = 1e30
+    far = loc.clone()
+    far[1, 1, 0, 0, 0, 0] = 50.0
+    far[0, 2, 1, 1, 1, 1] = -50.0
+    far[1, 2, 2, 0, 1, 0] = 50.0
+    torch.testing.assert_close(ms_deform_attn_onnx.ms_deform_attn(value, shapes, loc, w),
+                               ms_deform_attn_grid_sample(value, shapes, far, w),
+                               atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_is_sampled_in_float32(dtype):
+    value, shapes, loc, w = make_inputs(4, 2, 3, dtype=dtype)
+    got = ms_deform_attn_onnx.ms_deform_attn(value, shapes, loc, w)
+    assert got.dtype == dtype
+    want = ms_deform_attn(value, shapes, loc, w)
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_level_count_must_match():
+    value, shapes, loc, w = make_inputs(2, 1, 1)
+    with pytest.raises(ValueError, match="1 spatial shapes for 2 levels"):
+        ms_deform_attn_onnx.ms_deform_attn(value, shapes[:1], loc, w)
+
+
+class _Attention(nn.Module):
+    """Per-level [N, M·D, H_l, W_l] maps (their sizes symbolic when exported), locations and
+    weights -> the attention's [N, Lq, M·D]."""
+
+    def __init__(self, heads: int, fn=ms_deform_attn_onnx.ms_deform_attn) -> None:
+        super().__init__()
+        self.heads, self.fn = heads, fn
+
+    def forward(self, maps: list[Tensor], loc: Tensor, weights: Tensor) -> Tensor:
+        n, c = maps[0].shape[:2]
+        shapes = [(x.shape[2], x.shape[3]) for x in maps]
+        value = torch.cat([x.flatten(2) for x in maps], 2).transpose(1, 2)
+        return self.fn(value.reshape(n, -1, self.heads, c // self.heads), shapes, loc, weights)
+
+
+HEADS, DIM = 2, 3
+
+
+def _export_inputs(n: int, lq: int, shapes: list[tuple[int, int]], seed: int
+                   ) -> tuple[list[Tensor], Tensor, Tensor]:
+    value, shapes, loc, w = make_inputs(len(shapes), HEADS, 2, n=n, lq=lq, d=DIM,
+                                        dtype=torch.float32, seed=seed, shapes=shapes)
+    sizes = [h * w for h, w in shapes]
+    maps = [v.reshape(n, h, w, HEADS * DIM).permute(0, 3, 1, 2)
+            for v, (h, w) in zip(value.split(sizes, 1), shapes)]
+    return maps, loc, w
+
+
+def _dynamic_shapes(levels: int) -> tuple:
+    any_size = torch.export.Dim.DYNAMIC
+    return ([{0: any_size, 2: any_size, 3: any_size}] * levels, {0: any_size, 1: any_size},
+            {0: any_size, 1: any_size})
+
+
+TRACED = _export_inputs(2, 6, [(6, 7), (3, 4), (2, 3)], seed=1)
+OTHER = _export_inputs(3, 11, [(5, 9), (4, 2), (1, 1)], seed=2)  # another batch and sizes
+
+
+def _reference(inputs: tuple[list[Tensor], Tensor, Tensor]) -> Tensor:
+    return _Attention(HEADS, ms_deform_attn)(*inputs)
+
+
+def test_torch_export_keeps_sizes_dynamic():
+    program = torch.export.export(_Attention(HEADS), TRACED, dynamic_shapes=_dynamic_shapes(3))
+    for inputs in (TRACED, OTHER):
+        torch.testing.assert_close(program.module()(*inputs), _reference(inputs),
+                                   atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_onnxruntime_matches_pytorch_at_another_size(tmp_path, opset):
+    pytest.importorskip("onnxscript")
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    program = torch.onnx.export(_Attention(HEADS).eval(), TRACED, dynamic_shapes=_dynamic_shapes(3),
+                                opset_version=opset, dynamo=True, verbose=False)
+    path = tmp_path / "attention.onnx"
+    program.save(str(path))
+    proto = onnx.load(str(path))
+    ops = {node.op_type for node in proto.graph.node}
+    assert "Gather" in ops and "GridSample" not in ops
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for inputs in (TRACED, OTHER):
+        maps, loc, w = inputs
+        arrays = [t.numpy() for t in (*maps, loc, w)]
+        feeds = {i.name: a for i, a in zip(session.get_inputs(), arrays)}
+        (out,) = session.run(None, feeds)
+        torch.testing.assert_close(torch.from_numpy(out), _reference(inputs), atol=1e-5,
+                                   rtol=1e-5)
+
+
+def test_module_samples_with_it_while_exporting(monkeypatch):
+    from dinodet.model.ms_deform_attn import MSDeformAttn
+
+    torch.manual_seed(0)
+    attn = MSDeformAttn(dim=16, num_levels=2, num_heads=2, num_points=3).eval()
+    with torch.no_grad():
+        attn.sampling_offsets.weight.normal_(std=0.5)  # points spread, some outside
+        attn.attention_weights.weight.normal_()
+    shapes = [(5, 3), (2, 4)]
+    query = torch.randn(2, 6, 16)
+    value = torch.randn(2, 23, 16)
+    refs = torch.rand(2, 6, 2, 2)
+    mask = torch.zeros(2, 23, dtype=torch.bool)
+    mask[1, -3:] = True
+    with torch.no_grad():
+        want = attn(query, refs, value, shapes, mask)
+        calls = []
+        sample = ms_deform_attn_onnx.ms_deform_attn
+
+        def spy(*args):
+            calls.append(1)
+            return sample(*args)
+
+        monkeypatch.setattr(ms_deform_attn_onnx, "ms_deform_attn", spy)
+        monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+        got = attn(query, refs, value, shapes, mask)
+    assert calls == [1]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
