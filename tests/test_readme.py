@@ -60,6 +60,9 @@ PLAN: dict[str, tuple[str, object]] = {
     "dinodet export runs/mine/best.pt": (RUN, {}),
     "import onnxruntime as ort": (RUN, {}),
     "python benchmarks/bench_inference.py": (SKIP, "benchmarks time full-size models"),
+    "python benchmarks/bench_vs_original.py": (SKIP, "needs a checkout of the original DINO; "
+                                                     "its errors are tested in "
+                                                     "tests/test_benchmarks.py"),
     "python benchmarks/bench_small_data.py": (SKIP, "trains for an hour; smoke-tested in "
                                                     "tests/test_benchmarks.py"),
     "python benchmarks/ablation.py": (SKIP, "trains for hours; smoke-tested in "
