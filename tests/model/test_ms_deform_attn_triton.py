@@ -306,7 +306,7 @@ def test_module_bfloat16_and_export_branch(monkeypatch):
         got = attn16(*(t.to(torch.bfloat16) for t in inputs), shapes, mask)
         assert got.dtype == torch.bfloat16
         assert (got.float() - want).norm() < 3e-2 * want.norm()
-        # Exporting takes grid_sample whatever the backend.
+        # Exporting takes the one-gather sampling whatever the backend.
         monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
         monkeypatch.setattr(mst, "ms_deform_attn_triton", None)  # would raise if called
         for backend in ("triton", lambda *a: None):  # the callable would fail if called

@@ -60,6 +60,9 @@ _CPU_CHUNK_CORNERS = 2**18
 # the extra temporaries (about 40 bytes per corner) are transient.
 _CPU_CHUNK_CORNERS_GRAD = 2**23
 _CUDA_CHUNK_CORNERS = 2**25
+# CPU training through _SampleCPU (closed-form backward) instead of autograd through the
+# corner arithmetic.
+CLOSED_FORM_BACKWARD = True
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -176,7 +179,7 @@ class _Sampler:
         """Planar pixel coordinates [N, q, M, 2, L·P] and attention weights [N, q, M, 1, L·P]
         (compute dtype) -> [N, q, M·D] (compute dtype)."""
         n, q = pix.shape[:2]
-        if (self.device.type == "cpu" and torch.is_grad_enabled()
+        if (CLOSED_FORM_BACKWARD and self.device.type == "cpu" and torch.is_grad_enabled()
                 and (self.table.requires_grad or pix.requires_grad or attn.requires_grad)):
             out = _SampleCPU.apply(self.table, pix, attn, self)
         else:  # no gradient, or autograd through the ops (CUDA)
@@ -229,10 +232,12 @@ class _SampleCPU(torch.autograd.Function):
             rows, per_row = index.shape
             crow = torch.arange(0, rows * per_row + 1, per_row, dtype=index.dtype,
                                 device=index.device)
+            # The pattern's values must be zeros, not empty: beta=0 still multiplies them
+            # (0 × a NaN of uninitialised memory is NaN).
             with warnings.catch_warnings():  # "sparse CSR support is in beta"
                 warnings.simplefilter("ignore")
                 pattern = torch.sparse_csr_tensor(
-                    crow, index.view(-1), weights.new_empty(rows * per_row),
+                    crow, index.view(-1), weights.new_zeros(rows * per_row),
                     (rows, table.shape[0]), check_invariants=False)
                 g = torch.sparse.sampled_addmm(pattern, grad, table.t(), beta=0.0)
             g = g.values().view(weights.shape)  # [N, q, M, y, x, L·P]
