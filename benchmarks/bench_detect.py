@@ -56,6 +56,10 @@ def bench_model(name: str, height: int, width: int, repeats: int, warmup: int,
     det = Detector(model, transform=EvalTransform(min(height, width), max(height, width)))
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    # onnxruntime's pool threads spin for a while after each run, waiting for work: in
+    # alternating runs they would take the CPU from the Detector's next run (which then
+    # measured 1.6x slower than alone). Without spinning each side runs as it does alone.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
     image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8,

@@ -5,6 +5,7 @@ import torch
 import torchvision
 
 from dinodet.config import BackboneConfig
+from dinodet.model import backbone as backbone_module
 from dinodet.model.backbone import build_backbone, frozen_modules
 from dinodet.weights import load_backbone_weights
 
@@ -66,3 +67,49 @@ def test_pretrained_weights_that_do_not_fit_are_named(tmp_path):
         load_backbone_weights(body, path)
     with pytest.raises(FileNotFoundError, match=r"absent\.pth"):
         load_backbone_weights(body, tmp_path / "absent.pth")
+
+
+def _randomise_batchnorm(body: torch.nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for m in body.modules():
+        if isinstance(m, torchvision.ops.FrozenBatchNorm2d):
+            n = m.weight.numel()
+            m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.copy_(torch.rand(n, generator=g) - 0.5)
+            m.running_mean.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+
+
+@pytest.mark.skipif(not backbone_module._FUSED, reason="this torch has no oneDNN convolution")
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_fused_cpu_inference_equals_the_modules(name):
+    torch.manual_seed(0)
+    body = build_backbone(BackboneConfig(name=name, return_levels=(1, 2, 3))).eval()
+    _randomise_batchnorm(body)
+    x = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        fused = body(x)
+        assert body._folded, "the no-grad eval forward took the fused path"
+        plain = body.train()(x)  # frozen BatchNorm: train mode computes the same, unfused
+    body.eval()
+    for f, p in zip(fused, plain, strict=True):
+        assert f.shape == p.shape
+        torch.testing.assert_close(f, p, rtol=1e-4, atol=1e-5 * float(p.abs().max()))
+    # New weights (load_state_dict copies in place) are folded anew, not served stale.
+    state = {k: v.clone() for k, v in body.state_dict().items()}
+    state["layer2.0.bn1.weight"] *= 3
+    state["layer3.0.conv2.weight"] *= -1
+    body.load_state_dict(state)
+    with torch.no_grad():
+        again, reference = body(x), body.train()(x)
+    for f, p in zip(again, reference, strict=True):
+        torch.testing.assert_close(f, p, rtol=1e-4, atol=1e-5 * float(p.abs().max()))
+    assert not torch.allclose(again[-1], fused[-1])
+
+
+def test_training_and_autograd_take_the_plain_modules():
+    body = build_backbone(BackboneConfig(name="resnet18", return_levels=(2, 3))).eval()
+    x = torch.randn(1, 3, 64, 64, requires_grad=True)
+    out = body(x)  # grad enabled: the modules, so that the gradient flows to the input
+    out[-1].sum().backward()
+    assert x.grad is not None and not body._folded

@@ -1,13 +1,31 @@
-"""Image backbones that return a list of feature maps (ResNet from torchvision, Swin-L)."""
+"""Image backbones that return a list of feature maps (ResNet from torchvision, Swin-L).
+
+CPU inference of a ResNet with frozen BatchNorm runs fused: each convolution with its
+BatchNorm folded into its weights and bias (computed once and kept while the weights stay
+the same), its ReLU and the residual sum done by oneDNN in the same call
+(``torch.ops.mkldnn._convolution_pointwise``, what PyTorch's inductor emits for CPU
+convolutions). That saves the separate scale, shift, add and ReLU passes over every feature
+map: the ResNet-50 of r50-4scale at 800x1088 takes about 0.50 s instead of 0.73 s on 2
+threads. Results equal the unfused ones up to float32 rounding (about 4e-6 of the largest
+value). Training, autograd, CUDA, other dtypes, trainable BatchNorm and export tracing take
+the plain modules; ``DINODET_FUSED_BACKBONE=0`` turns the fused path off.
+"""
 
 from __future__ import annotations
+
+import os
+from typing import Any
 
 import torch
 import torchvision
 from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import FrozenBatchNorm2d
 
 from dinodet.config import BackboneConfig
+from dinodet.model.tracing import exporting
+
+FUSED_ENV_VAR = "DINODET_FUSED_BACKBONE"
 
 _RESNET_CHANNELS = {
     "resnet18": (64, 128, 256, 512),
@@ -37,18 +55,87 @@ class ResNetBody(nn.Module):
         # oneDNN (CPU) and cuDNN convolutions are faster on NHWC: ~15 % of a CPU training
         # step of r50-4scale. Results are the same up to summation order.
         self.to(memory_format=torch.channels_last)
+        # (conv, bn) -> folded (weight, bias) and the versions of the tensors they came from.
+        self._folded: dict[tuple[int, int], tuple[tuple[int, ...], Tensor, Tensor]] = {}
 
     def forward(self, x: Tensor) -> list[Tensor]:
         x = x.contiguous(memory_format=torch.channels_last)
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        fused = self._fusable(x)
+        if fused:
+            x = self.maxpool(self._conv(x, self.conv1, self.bn1, relu=True))
+        else:
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         out = []
         for i, layer in enumerate((self.layer1, self.layer2, self.layer3, self.layer4)):
-            x = layer(x)
+            if fused:
+                for block in layer:
+                    x = self._block(block, x)
+            else:
+                x = layer(x)
             if i in self.return_levels:
                 out.append(x)
             if i >= self.return_levels[-1]:
                 break
         return out
+
+    def _fusable(self, x: Tensor) -> bool:
+        return (_FUSED and not self.training and not torch.is_grad_enabled()
+                and x.device.type == "cpu" and x.dtype == torch.float32
+                and self.conv1.weight.dtype == torch.float32
+                and isinstance(self.bn1, FrozenBatchNorm2d) and not exporting()
+                and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+                and not torch.jit.is_scripting())
+
+    def _fold(self, conv: Any, bn: Any) -> tuple[Tensor, Tensor]:
+        """conv then bn as one convolution's (weight, bias), cached until either changes
+        (``load_state_dict`` and in-place edits bump the versions, ``.to`` the storage)."""
+        sources = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        versions = tuple(v for t in sources for v in (t.data_ptr(), t._version))
+        key = (id(conv), id(bn))
+        cached = self._folded.get(key)
+        if cached is None or cached[0] != versions:
+            scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+            weight = (conv.weight * scale.view(-1, 1, 1, 1)).contiguous(
+                memory_format=torch.channels_last)
+            bias = bn.bias - bn.running_mean * scale
+            if conv.bias is not None:
+                bias = bias + conv.bias * scale
+            cached = self._folded[key] = (versions, weight, bias)
+        return cached[1], cached[2]
+
+    def _conv(self, x: Tensor, conv: Any, bn: Any, relu: bool,
+              residual: Tensor | None = None) -> Tensor:
+        """relu?(bn(conv(x)) (+ residual)) in one oneDNN call."""
+        weight, bias = self._fold(conv, bn)
+        args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+        if residual is None:
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, weight, bias, *args, "relu" if relu else "none", [], "")
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, residual, weight, bias, *args, "add", None, "relu" if relu else None, [], "")
+
+    def _block(self, block: Any, x: Tensor) -> Tensor:
+        """A torchvision BasicBlock or Bottleneck, fused."""
+        identity = x
+        if block.downsample is not None:
+            conv, bn = block.downsample
+            identity = self._conv(x, conv, bn, relu=False)
+        out = self._conv(x, block.conv1, block.bn1, relu=True)
+        if isinstance(block, Bottleneck):
+            out = self._conv(out, block.conv2, block.bn2, relu=True)
+            return self._conv(out, block.conv3, block.bn3, relu=True, residual=identity)
+        assert isinstance(block, BasicBlock)
+        return self._conv(out, block.conv2, block.bn2, relu=True, residual=identity)
+
+
+def _fused_available() -> bool:
+    if os.environ.get(FUSED_ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return bool(torch.backends.mkldnn.is_available()
+                and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
+
+
+_FUSED = _fused_available()
 
 
 # What gets no gradient under pretrained weights (``freeze_stem``), as the original: ResNet's
