@@ -1,7 +1,8 @@
 """dinodet: DINO object detection in pure PyTorch.
 
 ``build_model(preset)``, ``from_original(pth, variant)``, ``load_model(path)`` (any model
-file), ``Detector.from_pretrained(path)``, ``EvalTransform``, ``postprocess``,
+file), ``Detector.from_pretrained(path)`` (a Hugging Face Hub repo id too, ``"owner/name"``),
+``save_pretrained`` / ``push_to_hub``, ``EvalTransform``, ``postprocess``,
 ``build_criterion``; imported lazily, so ``import dinodet`` costs nothing.
 """
 
@@ -13,11 +14,12 @@ __version__ = "0.1.0"
 
 __all__ = ["PRESETS", "CheckpointError", "DINOConfig", "Detections", "Detector", "EvalTransform",
            "__version__", "build_criterion", "build_model", "from_original", "get_preset",
-           "load_model", "load_pretrained", "postprocess", "save_pretrained"]
+           "load_model", "load_pretrained", "postprocess", "push_to_hub", "save_pretrained"]
 
 if TYPE_CHECKING:
     from dinodet.config import PRESETS, DINOConfig, get_preset
     from dinodet.data.transforms import EvalTransform
+    from dinodet.hub import push_to_hub
     from dinodet.loss.criterion import build_criterion
     from dinodet.model.dino import DINO
     from dinodet.model.postprocess import postprocess
@@ -36,6 +38,7 @@ _LAZY = {name: module for module, names in {
     "dinodet.weights": ("CheckpointError", "from_original", "load_model", "load_pretrained",
                         "save_pretrained"),
     "dinodet.data.transforms": ("EvalTransform",),
+    "dinodet.hub": ("push_to_hub",),
     "dinodet.loss.criterion": ("build_criterion",),
     "dinodet.model.postprocess": ("postprocess",),
     "dinodet.model.dino": ("DINO",),

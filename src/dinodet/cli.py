@@ -37,6 +37,29 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _positive(text: str) -> float:
+    """An argparse ``type``: a finite number > 0 (a frame rate)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def _score_threshold(text: str) -> float | str:
+    """An argparse ``type``: a finite number in [0, 1], or ``auto`` (each class's own
+    threshold, stored with the model)."""
+    if text == "auto":
+        return text
+    try:
+        return _fraction(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1] or 'auto', got "
+                                         f"{text!r}") from None
+
+
 def _convert(args: argparse.Namespace) -> int:
     from dinodet.weights import check_output_dir, from_original, save_pretrained
 
@@ -96,8 +119,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_train_config(
         args.preset, args.config, args.set or [], image_size=args.image_size,
         epochs=args.epochs, batch_size=args.batch_size,
-        total_batch_size=args.total_batch_size, out_dir=args.out, train_ann=args.train_ann,
-        train_images=args.train_images, val_ann=args.val_ann, val_images=args.val_images,
+        total_batch_size=args.total_batch_size, out_dir=args.out, **_train_data(args),
         keep_category_ids=True if args.keep_category_ids else None,
         strict=True if args.strict else None)
     from dinodet.engine.distributed import cleanup
@@ -121,6 +143,55 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_data(args: argparse.Namespace) -> dict[str, str | None]:
+    """The data settings of ``train``: ``--data D`` is ``--train-ann D --val-ann D`` with
+    the splits ``--train-split`` (default train) and ``--val-split`` (default val)."""
+    from dinodet.errors import UserError
+
+    data = {"train_ann": args.train_ann, "train_images": args.train_images,
+            "val_ann": args.val_ann, "val_images": args.val_images, "format": args.format,
+            "train_split": args.train_split, "val_split": args.val_split}
+    if args.data is None:
+        return data
+    given = [f"--{k.replace('_', '-')}" for k in ("train_ann", "train_images", "val_ann",
+                                                   "val_images") if data[k] is not None]
+    if given:
+        raise UserError(f"--data names the training and validation data: drop "
+                        f"{' and '.join(given)}")
+    if args.format == "coco" or args.data.lower().endswith(".json"):
+        raise UserError(f"--data {args.data}: a COCO json is one split; give it as "
+                        "--train-ann (with --train-images) or --val-ann (with --val-images)")
+    return {**data, "train_ann": args.data, "val_ann": args.data,
+            "train_split": args.train_split or "train", "val_split": args.val_split or "val"}
+
+
+def _eval_data(args: argparse.Namespace) -> tuple[str, str | None]:
+    """``(dataset, split)`` of ``eval``: ``--ann`` (with ``--images`` for COCO), or
+    ``--data`` (split default val); checked before the model is loaded."""
+    from dinodet.errors import UserError
+
+    ann = args.ann if args.data is None else args.data
+    coco = args.format == "coco" or (args.format == "auto" and ann.lower().endswith(".json"))
+    if coco and args.data is not None:
+        raise UserError(f"--data {args.data}: a COCO json goes with --ann and --images")
+    if coco and args.images is None:
+        raise UserError(f"--ann {ann}: a COCO annotation json needs --images, its image "
+                        "folder")
+    return ann, args.split if args.data is None else (args.split or "val")
+
+
+def _convert_dataset(args: argparse.Namespace) -> int:
+    from dinodet.data.formats import convert_dataset
+    from dinodet.weights import check_output_dir
+
+    check_output_dir(args.out, "OUT")  # before the dataset is read
+    for path, source in convert_dataset(args.src, args.out, args.to, args.format, args.split):
+        coco = source.coco
+        print(f"wrote {path}: {len(coco['images'])} images, {len(coco['annotations'])} "
+              f"boxes, {len(coco['categories'])} categories; images in {source.image_dir}")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from dinodet.engine.evaluate import evaluate_checkpoint, write_results
     from dinodet.weights import check_output_file
@@ -128,10 +199,13 @@ def _eval(args: argparse.Namespace) -> int:
     _check_sizes(args.eval_size, args.max_size, "--eval-size")
     if args.out:  # before the model is loaded and the images evaluated
         check_output_file(args.out, "--out")
+    report_options = _eval_report_options(args)
     if args.int8:
         print("--int8: Linear layers dynamically quantised to int8, on the CPU; compare "
               "with the metrics without --int8", file=sys.stderr, flush=True)
-    result = evaluate_checkpoint(args.checkpoint, args.ann, args.images, out=None,
+    ann, split = _eval_data(args)
+    result = evaluate_checkpoint(args.checkpoint, ann, args.images, out=None,
+                                 data_format=args.format, split=split,
                                  variant=args.variant, batch_size=args.batch_size,
                                  eval_size=args.eval_size, max_size=args.max_size,
                                  keep_category_ids=args.keep_category_ids,
@@ -141,7 +215,44 @@ def _eval(args: argparse.Namespace) -> int:
     if args.out:
         write_results(args.out, result.detections or [])
         print(f"wrote detections to {args.out}")
+    if args.report:
+        from dinodet.engine.analysis import write_eval_report
+
+        written = write_eval_report(args.report, result, **report_options)
+        print(f"wrote the evaluation report to {args.report}: "
+              f"{', '.join(p.name for p in written)}")
+        if not any(p.suffix == ".png" for p in written):
+            print("no report figures: they need matplotlib (pip install 'dinodet[plot]')",
+                  file=sys.stderr)
     return 0
+
+
+def _eval_report_options(args: argparse.Namespace) -> dict[str, float]:
+    """The confusion-matrix settings of ``eval --report``, checked with the report folder
+    before anything is evaluated; without ``--report`` they are a mistake."""
+    from dinodet.engine.analysis import (
+        DEFAULT_CONFUSION_IOU,
+        DEFAULT_CONFUSION_THRESHOLD,
+        check_report_options,
+    )
+    from dinodet.errors import UserError
+
+    given = [name for name, value in (("--confusion-iou", args.confusion_iou),
+                                      ("--confusion-threshold", args.confusion_threshold))
+             if value is not None]
+    if not args.report:
+        if given:
+            raise UserError(f"{' and '.join(given)} set the report's confusion matrix: "
+                            "add --report DIR")
+        return {}
+    options = {"confusion_iou": DEFAULT_CONFUSION_IOU if args.confusion_iou is None
+               else args.confusion_iou,
+               "confusion_threshold": DEFAULT_CONFUSION_THRESHOLD
+               if args.confusion_threshold is None else args.confusion_threshold}
+    check_report_options(args.report, options["confusion_iou"],
+                         options["confusion_threshold"],
+                         names=("--report", "--confusion-iou", "--confusion-threshold"))
+    return options
 
 
 def _check_sizes(size: int | None, max_size: int | None, size_option: str) -> None:
@@ -218,27 +329,69 @@ def _predict(args: argparse.Namespace) -> int:
     from dinodet.errors import UserError
     from dinodet.model.quantize import Int8Warning, int8_counts
     from dinodet.predict import Detections, Detector, ImageReadError, load_image
+    from dinodet.slicing import Slicing
     from dinodet.visualize import save_detections
     from dinodet.weights import check_output_dir
 
     _check_sizes(args.size, args.max_size, "--size")
-    files, missing = _predict_inputs(args.inputs)
+    slicing = Slicing.from_options(args.slice, args.overlap, args.slice_merge,
+                                   args.slice_iou, args.slice_full, args.batch_size)
+    videos = _video_inputs(args)  # a run is all videos or all images
+    files, missing = ([], []) if videos else _predict_inputs(args.inputs)
     for item in missing:
         print(f"dinodet predict: no image found at {item}", file=sys.stderr)
-    if not files:
+    if not files and not videos:
         raise UserError(f"no image to detect in {', '.join(args.inputs)}")
     # Where the results go is checked before the (slow) model is loaded.
     check_output_dir(args.out, "--out")
     _refuse_inputs_in(args.out, files)
+    if videos:
+        from dinodet.video import output_paths
+
+        video_outputs = output_paths(videos, args.out)
     with warnings.catch_warnings():  # --int8 says it below, in one line
         warnings.filterwarnings("ignore", category=Int8Warning)
         detector = Detector.from_pretrained(args.checkpoint, variant=args.variant,
                                             eval_size=args.size, max_size=args.max_size,
-                                            weights=args.weights, int8=args.int8)
+                                            weights=args.weights, int8=args.int8,
+                                            threshold=args.threshold, slice=slicing)
+    if args.threshold == "auto" and detector.class_thresholds:
+        table, classes = detector.class_thresholds, len(detector.class_names)
+        print(f"dinodet predict: --threshold auto: the model's own thresholds for "
+              f"{len(table)} of {classes} classes ({min(table.values()):.3g} to "
+              f"{max(table.values()):.3g})" + ("; the classes without one keep no detection"
+                                               if len(table) < classes else ""),
+              file=sys.stderr, flush=True)
     if args.int8:
         print(f"dinodet predict: --int8: {int8_counts(detector.model).describe()}; "
               "approximate, measure the AP change on your data with `dinodet eval --int8`",
               file=sys.stderr, flush=True)
+    if videos:  # for each: NAME.mp4 and NAME.jsonl in --out, and a summary line
+        from dinodet.video import VideoReadError, detect_video
+
+        def warn(message: str) -> None:
+            tqdm.write(f"dinodet predict: warning: {message}", file=sys.stderr)
+
+        # exit 2 when a source cannot be opened or stops early (its frames before are
+        # written); Ctrl-C: 130 for a file, 0 for a camera or stream (the way to end one)
+        failed = []
+        for source, (video, lines) in zip(videos, video_outputs):
+            try:
+                result = detect_video(detector, source, video, lines,
+                                      batch_size=args.batch_size, threshold=args.threshold,
+                                      fps=args.fps, max_frames=args.max_frames,
+                                      progress=not args.no_progress, catch_interrupt=True,
+                                      warn=warn)
+            except VideoReadError as e:  # the others still run
+                print(f"dinodet predict: error: {e}", file=sys.stderr)
+                failed.append(source)
+                continue
+            print(result.describe(), flush=True)
+            if result.end == "error":
+                failed.append(source)
+            elif result.end == "interrupted":
+                return 2 if failed else 0 if result.live else 130
+        return 2 if failed else 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
@@ -290,6 +443,34 @@ def _predict(args: argparse.Namespace) -> int:
     return 2 if failed else 0
 
 
+def _video_inputs(args: argparse.Namespace) -> list[str]:
+    """predict's video INPUTs (:func:`dinodet.video.is_video_input`): all of them or none,
+    since a run writes either videos or images; --video, --fps and --max-frames without a
+    video are mistakes, as is a video file that is not there."""
+    from pathlib import Path
+
+    from dinodet.errors import UserError
+    from dinodet.video import is_live_input, is_video_input
+
+    videos = [item for item in args.inputs if is_video_input(item, frames=args.video)]
+    if videos and len(videos) < len(args.inputs):
+        image = next(item for item in args.inputs if item not in videos)
+        raise UserError(f"{videos[0]} is a video and {image} is not: videos and images go "
+                        "in separate runs of dinodet predict")
+    if not videos:
+        given = [option for option, value in (("--video", args.video or None),
+                                              ("--fps", args.fps),
+                                              ("--max-frames", args.max_frames))
+                 if value is not None]
+        if given:
+            raise UserError(f"{', '.join(given)} only apply to video inputs (a video file, "
+                            "a --video frame folder, a camera index or a stream URL)")
+    for item in videos:
+        if not is_live_input(item) and not Path(item).exists():
+            raise UserError(f"no video file at {item}")
+    return videos
+
+
 def _export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -322,8 +503,14 @@ def _export(args: argparse.Namespace) -> int:
         out = Path(args.out)
     else:  # next to the checkpoint: runs/x/best.pt -> runs/x/best.onnx, models/m -> m.onnx
         source = Path(args.checkpoint)
-        out = (source.with_name(source.name + suffix) if source.is_dir() or not source.suffix
-               else source.with_suffix(suffix))
+        from dinodet.hub import hub_reference
+
+        ref = hub_reference(args.checkpoint)
+        if ref is not None:  # owner/name -> ./name.onnx
+            out = Path(ref.repo_id.split("/")[-1] + suffix)
+        else:
+            out = (source.with_name(source.name + suffix) if source.is_dir() or not source.suffix
+                   else source.with_suffix(suffix))
     check_output_file(out, "--out" if args.out else "output file")  # before the slow part
     loaded = load_model(args.checkpoint, args.variant, args.weights)
     eval_size = loaded.transform.size
@@ -334,7 +521,8 @@ def _export(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     path = export_model(loaded.model, out, args.format, example_size=(height, width),
                         dynamic=not args.static, opset=args.opset, classes=loaded.classes,
-                        transform=loaded.transform, variant=args.variant, int8=args.int8)
+                        transform=loaded.transform, variant=args.variant, int8=args.int8,
+                        class_thresholds=loaded.class_thresholds)
     size_mb = path.stat().st_size / 1e6
     print(f"wrote {path} ({args.format}{' int8' if args.int8 else ''}, {size_mb:.1f} MB, "
           f"{time.perf_counter() - start:.0f} s)", flush=True)
@@ -404,6 +592,47 @@ def _report_coco(args: argparse.Namespace, found: dict) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import torch
+
+    from dinodet.data.images import resolve_max_pixels
+    from dinodet.errors import UserError
+
+    try:
+        from dinodet.serve import serve
+    except ImportError as e:  # FastAPI / uvicorn missing: say which extra to install
+        raise UserError(str(e)) from None
+    try:  # every mistake in the options is said before the (slow) read of the model
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {args.device!r} is not a torch device (e.g. cpu, cuda, "
+                        "cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: CUDA is not available on this machine")
+    resolve_max_pixels(args.max_image_pixels)  # a bad $DINODET_MAX_IMAGE_PIXELS, now
+    from dinodet.predict import Detector
+
+    detector = Detector.from_pretrained(args.checkpoint, variant=args.variant, device=device,
+                                        weights=args.weights, threshold=args.threshold)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"dinodet serve: {args.checkpoint} ({len(detector.class_names)} classes, {device}) "
+          f"at http://{host}:{args.port}/ (POST /detect; batches of up to {args.max_batch}, "
+          f"{args.max_wait_ms} ms wait)", file=sys.stderr, flush=True)
+    serve(detector, args.host, args.port, threshold=args.threshold, max_batch=args.max_batch,
+          max_wait_ms=args.max_wait_ms, max_request_bytes=args.max_request_bytes,
+          max_image_pixels=args.max_image_pixels)
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from dinodet.hub import push_to_hub
+
+    url = push_to_hub(args.model_dir, args.repo_id, private=args.private,
+                      commit_message=args.message)
+    print(f"pushed {args.model_dir} to {args.repo_id}: {url}")
+    return 0
+
+
 def _model_source(p: argparse.ArgumentParser, name: str) -> None:
     """The model arguments of eval, predict and export: the file, --variant, --weights."""
     from dinodet.config import PRESETS
@@ -439,14 +668,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-initialise the class heads for this many classes (fine-tuning)")
     p.set_defaults(func=_convert)
 
-    p = sub.add_parser("train", help="train on a COCO-format dataset (torchrun for many GPUs)")
+    p = sub.add_parser(
+        "train", help="train on a COCO, YOLO or Pascal VOC dataset (torchrun for many GPUs)",
+        description="Train DINO. The data: --data DATASET for a YOLO or VOC dataset with "
+                    "splits (e.g. --data data.yaml, whose train and val keys name them; "
+                    "--data VOCdevkit/VOC2012, whose ImageSets/Main/train.txt and val.txt "
+                    "do), or --train-ann / --val-ann, each a COCO json (with --train-images / "
+                    "--val-images) or a YOLO / VOC dataset (the --train-split / --val-split "
+                    "of one with splits; one without is read whole). The format is told "
+                    "from the layout (a .json: COCO; a data.yaml or a folder with labels/: "
+                    "YOLO; a folder with Annotations/ and JPEGImages/: VOC) unless --format "
+                    "says it, and is recorded in the run's config.yaml.")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="recipe: network, image sizes, optimiser, schedule, epochs and batch "
                         "(default r50-4scale, the paper's; or the config file's)")
-    p.add_argument("--train-ann", help="COCO annotation json of the training split")
-    p.add_argument("--train-images", help="image folder of the training split")
-    p.add_argument("--val-ann", help="COCO annotation json of the validation split")
-    p.add_argument("--val-images", help="image folder of the validation split")
+    p.add_argument("--data", metavar="DATASET",
+                   help="a YOLO data.yaml / dataset folder or a Pascal VOC folder, with "
+                        "splits: train on its --train-split (default train), validate on its "
+                        "--val-split (default val); instead of --train-ann and --val-ann")
+    p.add_argument("--train-ann", help="training data: a COCO annotation json (with "
+                                       "--train-images), or a YOLO / VOC dataset")
+    p.add_argument("--train-images", help="image folder of the COCO json --train-ann")
+    p.add_argument("--val-ann", help="validation data: a COCO annotation json (with "
+                                     "--val-images), or a YOLO / VOC dataset")
+    p.add_argument("--val-images", help="image folder of the COCO json --val-ann")
+    p.add_argument("--train-split", metavar="SPLIT",
+                   help="the training split of a YOLO / VOC dataset with splits (a data.yaml "
+                        "key, ImageSets/Main/SPLIT.txt, images/SPLIT/)")
+    p.add_argument("--val-split", metavar="SPLIT",
+                   help="the validation split of a YOLO / VOC dataset with splits")
+    p.add_argument("--format", choices=["auto", "coco", "yolo", "voc"], default=None,
+                   help="the dataset format (default auto: told from the layout)")
     p.add_argument("--out", help="run directory (checkpoints, logs)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="images per process")
@@ -472,11 +724,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("eval", help="COCO metrics of a checkpoint on a dataset")
+    p = sub.add_parser(
+        "eval", help="COCO metrics of a checkpoint on a COCO, YOLO or Pascal VOC dataset",
+        description="COCO box metrics of a checkpoint. The data: --ann A.json --images DIR "
+                    "(COCO), or --data DATASET (a YOLO data.yaml / folder or a VOC folder: its "
+                    "--split, default val), or --ann DATASET (a YOLO / VOC dataset: its "
+                    "--split when it has splits, else all of it). The format is told from "
+                    "the layout unless --format says it.")
     _model_source(p, "--checkpoint")
-    p.add_argument("--ann", required=True, help="COCO annotation json")
-    p.add_argument("--images", required=True, help="image folder")
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--ann", help="COCO annotation json (with --images), or a YOLO / VOC "
+                                    "dataset")
+    data.add_argument("--data", metavar="DATASET",
+                      help="a YOLO data.yaml / dataset folder or a VOC folder: evaluate on "
+                           "its --split (default val)")
+    p.add_argument("--images", help="image folder of the COCO json --ann")
+    p.add_argument("--split", help="the split of a YOLO / VOC dataset with splits")
+    p.add_argument("--format", choices=["auto", "coco", "yolo", "voc"], default="auto",
+                   help="the dataset format (default auto: told from the layout)")
     p.add_argument("--out", help="write detections here (COCO results json)")
+    p.add_argument("--report", metavar="DIR",
+                   help="write the evaluation report into DIR (created if missing): "
+                        "precision-recall curves, a confusion matrix and F1-optimal per-class "
+                        "score thresholds, as JSON and PNG (the PNGs need dinodet[plot]); "
+                        "default: no report")
+    p.add_argument("--confusion-iou", type=_fraction, default=None, metavar="IOU",
+                   help="with --report: the IoU at which a detection matches ground truth in "
+                        "the confusion matrix (in (0, 1]; default 0.5)")
+    p.add_argument("--confusion-threshold", type=_fraction, default=None, metavar="S",
+                   help="with --report: the confusion matrix counts detections scoring >= S "
+                        "(in [0, 1]; default 0.3, predict's default)")
     p.add_argument("--batch-size", type=_int_in(1), default=1,
                    help="images per forward pass; 1 (default) as the paper, where padding "
                         "cannot change the detections")
@@ -493,6 +770,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate with the Linear layers quantised to int8 (CPU), to measure "
                         "what `predict --int8` costs in AP")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser(
+        "convert-dataset", help="write a YOLO or Pascal VOC dataset as COCO json",
+        description="Read a YOLO or Pascal VOC dataset (checked as training reads it) and "
+                    "write OUT/instances_<split>.json for each split (instances.json for a "
+                    "layout without splits), atomically. file_name is relative to the "
+                    "split's image folder, which is printed and kept in the json's "
+                    "info.image_dir.")
+    p.add_argument("src", metavar="SRC", help="a YOLO data.yaml / dataset folder, or a VOC "
+                                              "dataset folder")
+    p.add_argument("out", metavar="OUT", help="folder to write the json files into")
+    p.add_argument("--to", choices=["coco"], default="coco", help="the format to write")
+    p.add_argument("--format", choices=["auto", "yolo", "voc"], default="auto",
+                   help="the format of SRC (default auto: told from the layout)")
+    p.add_argument("--split", action="append", metavar="SPLIT",
+                   help="convert only this split (repeatable; default: every split)")
+    p.set_defaults(func=_convert_dataset)
 
     p = sub.add_parser("plot", help="draw loss and AP curves of a run to PNG")
     p.add_argument("run_dir")
@@ -513,12 +807,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="detect objects in images, write annotated copies + JSON")
     _model_source(p, "checkpoint")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or globs")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files, folders or globs; or videos (needs dinodet[video]): "
+                        "video files, frame folders with --video, a camera index (0) or a "
+                        "stream URL (rtsp://, http://...)")
     p.add_argument("--out", required=True,
                    help="folder for annotated PNGs and detections.json (not one holding "
-                        "input images)")
-    p.add_argument("--threshold", type=_fraction, default=0.3,
-                   help="minimum score to keep, in [0, 1]")
+                        "input images); for a video NAME: NAME.mp4 (annotated) and "
+                        "NAME.jsonl (a JSON line per frame)")
+    p.add_argument("--threshold", type=_score_threshold, default=0.3,
+                   help="minimum score to keep, in [0, 1], or 'auto': each class's own, "
+                        "stored with the model by training with a validation set")
     p.add_argument("--batch-size", type=_int_in(1), default=4)
     p.add_argument("--size", type=eval_size, default=None,
                    help="resize the shorter side to this (default: the checkpoint's "
@@ -527,10 +826,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap on the longer side after resizing (default: the checkpoint's, "
                         f"or 1333/800 of --size; {MIN_EVAL_SIZE} to {MAX_EVAL_MAX_SIZE})")
     p.add_argument("--workers", type=_int_in(0), default=0, help="image-reading processes")
+    p.add_argument("--video", action="store_true",
+                   help="read every folder INPUT as the frames of one video, in natural "
+                        "name order (without it, a folder is a set of images)")
+    p.add_argument("--fps", type=_positive, default=None,
+                   help="frame rate of a --video frame folder (default 25), and of the "
+                        "annotated videos (default: the source's)")
+    p.add_argument("--max-frames", type=_int_in(1), default=None, metavar="N",
+                   help="videos: stop after N frames (a camera or stream: else until Ctrl-C)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--int8", action="store_true",
                    help="Linear layers quantised to int8: faster on the CPU, approximate "
                         "(measure with `dinodet eval --int8`)")
+    p.add_argument("--slice", type=_int_in(32), default=None, metavar="TILE",
+                   help="detect on overlapping TILE x TILE pixel tiles of every image and "
+                        "merge their boxes: small objects in large images; --batch-size "
+                        "is then also the tiles per model call")
+    p.add_argument("--overlap", type=_fraction, default=None, metavar="F",
+                   help="with --slice: share of a tile its neighbour covers, in [0, 1) "
+                        "(default 0.2)")
+    p.add_argument("--slice-merge", choices=["nms", "wbf"], default=None,
+                   help="with --slice: merge the tiles' boxes by class-aware NMS (default) "
+                        "or weighted box fusion")
+    p.add_argument("--slice-iou", type=_fraction, default=None,
+                   help="with --slice: IoU above which boxes merge (default 0.5)")
+    p.add_argument("--slice-full", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --slice: also detect on the whole image, for objects larger "
+                        "than a tile (default: no)")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("export", help="export a model to ONNX or a torch.export program")
@@ -562,6 +884,52 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --ann: the largest AP (0.50:0.95, in [0, 1]) the file may lose "
                         "against PyTorch before the exit status is 1 (default 0.01)")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser(
+        "serve", help="serve a model over HTTP: POST /detect, a page to try it at /",
+        description="Serve a model over HTTP (needs dinodet[serve]): POST /detect takes an "
+                    "image (a multipart file field 'file' or 'image', or the raw body as "
+                    "image/* or application/octet-stream; ?threshold=S) and answers JSON "
+                    "boxes; GET / is a page to drop an image on, GET /health, GET /stats. "
+                    "Concurrent requests share batched model calls.")
+    _model_source(p, "checkpoint")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1, this machine only; "
+                        "0.0.0.0 for every interface)")
+    p.add_argument("--port", type=_int_in(0, 65535), default=8000, help="(default 8000)")
+    p.add_argument("--threshold", type=_score_threshold, default=0.3,
+                   help="minimum score when a request gives none, in [0, 1], or 'auto': "
+                        "each class's own, stored with the model (default 0.3)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, "
+                                                   "cuda:1, ...")
+    p.add_argument("--max-batch", type=_int_in(1, 1024), default=8,
+                   help="most images of concurrent requests run as one batch (default 8)")
+    p.add_argument("--max-wait-ms", type=_int_in(0, 60_000), default=10,
+                   help="how long the first queued image waits for others to batch with "
+                        "(default 10 ms)")
+    p.add_argument("--max-request-bytes", type=_int_in(1), default=20 * 1024 * 1024,
+                   help="largest request body read; a bigger one is a 413 (default 20 MiB)")
+    p.add_argument("--max-image-pixels", type=_int_in(0), default=None, metavar="N",
+                   help="largest width x height of an uploaded image, checked from its "
+                        "header before decoding; a bigger one is a 413 (default: "
+                        "$DINODET_MAX_IMAGE_PIXELS, else about 89.5 megapixels; 0 = no "
+                        "limit)")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser(
+        "push", help="upload a model directory to the Hugging Face Hub",
+        description="Upload a model directory (config.json, model.safetensors and its model "
+                    "card README.md; nothing else) to a Hugging Face Hub model repo, created "
+                    "if needed. Needs dinodet[hub] and a login with write access (`hf auth "
+                    "login`, or HF_TOKEN). Load it anywhere with "
+                    "Detector.from_pretrained(\"OWNER/NAME\") or `dinodet predict OWNER/NAME`.")
+    p.add_argument("model_dir", help="a model directory of `dinodet convert` / save_pretrained "
+                                     "(or a run checkpoint, saved as one first)")
+    p.add_argument("repo_id", help="OWNER/NAME of the Hub repo")
+    p.add_argument("--private", action="store_true", default=None,
+                   help="create the repo private (an existing repo keeps its visibility)")
+    p.add_argument("--message", default=None, help="commit message")
+    p.set_defaults(func=_push)
     for command in sub.choices.values():  # `dinodet train ... --debug` works too
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show the traceback of an error")

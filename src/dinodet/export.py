@@ -7,8 +7,10 @@ by the model's :class:`~dinodet.data.EvalTransform` (B, H, W dynamic unless
 threshold. Normalisation and top-k are inside; the deformable attention is traced as a
 Gather of its points' corner rows and a MatMul by their weights
 (:mod:`dinodet.model.ms_deform_attn_onnx`), denoising is off, a batch shares one size. The
-class table and the transform's metadata travel in the file (ONNX ``metadata_props`` key
-``dinodet``, or the archive's ``dinodet.json``); :func:`read_metadata` reads either.
+class table, the transform's metadata and the model's per-class score thresholds (if it
+has them: ``class_thresholds``, ``{"0": 0.41, ...}``) travel in the file (ONNX
+``metadata_props`` key ``dinodet``, or the archive's ``dinodet.json``); :func:`read_metadata`
+reads either, and :meth:`ExportedModel.detect` applies a threshold (``"auto"``: those).
 
 :func:`verify_coco` measures a file's COCO box AP next to PyTorch's on a dataset;
 :func:`quantize_int8` (``export_model(..., int8=True)``) quantises an ONNX file's MatMul /
@@ -24,7 +26,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -78,10 +80,20 @@ class ExportGraph(nn.Module):
 
 
 def _metadata(classes: list[dict[str, Any]] | None, transform: EvalTransform,
-              num_classes: int, variant: str | None) -> dict[str, Any]:
-    return {"format_version": 1, "input": "float32 [B, 3, H, W] RGB in [0, 1]",
+              num_classes: int, variant: str | None,
+              class_thresholds: Mapping[int, float] | None = None) -> dict[str, Any]:
+    """What an exported file says about itself; ``class_thresholds`` (checked against
+    ``num_classes``) only where the model has them."""
+    from dinodet.weights import CLASS_THRESHOLDS_KEY, check_class_thresholds, class_thresholds_json
+
+    meta = {"format_version": 1, "input": "float32 [B, 3, H, W] RGB in [0, 1]",
             "outputs": OUTPUT_NAMES, "classes": classes, "num_classes": num_classes,
             **transform.metadata(), "variant": variant, "precision": "float32"}
+    thresholds = check_class_thresholds(class_thresholds, num_classes,
+                                        "export_model")
+    if thresholds is not None:
+        meta[CLASS_THRESHOLDS_KEY] = class_thresholds_json(thresholds)
+    return meta
 
 
 def export_model(model: nn.Module, out: str | Path, fmt: str = "onnx", *,
@@ -89,7 +101,8 @@ def export_model(model: nn.Module, out: str | Path, fmt: str = "onnx", *,
                  dynamic: bool = True, opset: int = DEFAULT_OPSET,
                  classes: list[dict[str, Any]] | None = None,
                  transform: EvalTransform | None = None, num_select: int | None = None,
-                 variant: str | None = None, int8: bool = False) -> Path:
+                 variant: str | None = None, int8: bool = False,
+                 class_thresholds: Mapping[int, float] | None = None) -> Path:
     """Trace ``model`` (a :class:`~dinodet.model.DINO`) and write it to ``out``.
 
     Args:
@@ -101,6 +114,10 @@ def export_model(model: nn.Module, out: str | Path, fmt: str = "onnx", *,
         classes / transform: stored as metadata (see :func:`read_metadata`); the
             transform's mean and std normalise inside the graph, its sizes tell a runtime
             how to resize (:meth:`EvalTransform.from_metadata`).
+        class_thresholds: the model's per-class score thresholds (class index -> score in
+            [0, 1]; :attr:`dinodet.weights.LoadedModel.class_thresholds`), stored as
+            metadata for :meth:`ExportedModel.detect`'s ``threshold="auto"``; checked
+            before tracing.
         int8: ONNX only: write the float32 graph quantised by :func:`quantize_int8` (the
             float32 file is never written beside ``out``); approximate, measure it with
             :func:`verify_coco`.
@@ -125,6 +142,9 @@ def export_model(model: nn.Module, out: str | Path, fmt: str = "onnx", *,
                          "(at least 1 image of 64x64)")
     out = check_output_file(out, "export file")
     transform = transform or EvalTransform()
+    cfg = getattr(model, "cfg", None)
+    meta = _metadata(classes, transform, int(getattr(cfg, "num_classes", 0)), variant,
+                     class_thresholds)
     graph = ExportGraph(model, num_select, transform).eval()
     param = next(model.parameters())
     if dynamic:  # a size-1 example would fix B to 1 (tracing specialises sizes 0 and 1)
@@ -134,8 +154,6 @@ def export_model(model: nn.Module, out: str | Path, fmt: str = "onnx", *,
     if dynamic:
         any_size = torch.export.Dim.DYNAMIC
         dims = {"images": {0: any_size, 2: any_size, 3: any_size}}
-    cfg = getattr(model, "cfg", None)
-    meta = _metadata(classes, transform, int(getattr(cfg, "num_classes", 0)), variant)
     with torch.no_grad():
         if fmt == "torch-export":
             program = torch.export.export(graph, (example,), dynamic_shapes=dims)
@@ -318,11 +336,19 @@ class ExportedModel:
     """An exported file ready to run: onnxruntime for ``.onnx`` (``providers`` default to
     the CPU), ``torch.export.load`` for a ``.pt2`` archive. Calling it with [B, 3, H, W]
     RGB [0, 1] float32 images returns (boxes, scores, labels) tensors; ``metadata`` is
-    :func:`read_metadata`'s."""
+    :func:`read_metadata`'s, ``class_thresholds`` the per-class score thresholds in it
+    (checked; None where the model had none), which :meth:`detect` applies."""
 
     def __init__(self, path: str | Path, providers: list[str] | None = None) -> None:
+        from dinodet.weights import CLASS_THRESHOLDS_KEY, check_class_thresholds
+
         self.path = Path(path)
         self.metadata = read_metadata(self.path)
+        num_classes = self.metadata.get("num_classes")
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool):
+            num_classes = 0  # then any class threshold in the file is outside the classes
+        self.class_thresholds = check_class_thresholds(
+            self.metadata.get(CLASS_THRESHOLDS_KEY), num_classes, str(self.path))
         self.format = "onnx" if self.path.suffix == ".onnx" else "torch-export"
         if self.format == "onnx":
             try:
@@ -351,9 +377,28 @@ class ExportedModel:
         with torch.no_grad():
             return self._module(images)
 
+    def detect(self, images: Tensor, threshold: float | str = "auto"
+               ) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """(boxes, scores, labels) of every image, only the detections that reach
+        ``threshold``: a number in [0, 1], or ``"auto"``: each class's own from the file's
+        ``class_thresholds`` (a class without one keeps none; a file without any is a
+        :class:`~dinodet.errors.UserError` saying where they come from)."""
+        from dinodet.predict import check_threshold, keep_above, no_thresholds_error
+
+        threshold = check_threshold(threshold)
+        if threshold == "auto" and not self.class_thresholds:
+            raise no_thresholds_error(str(self.path))  # before running the model
+        found = []
+        for boxes, scores, labels in zip(*self(images)):
+            keep = keep_above(scores, labels, threshold, self.class_thresholds,
+                              str(self.path))
+            found.append((boxes[keep], scores[keep], labels[keep]))
+        return found
+
 
 def run_exported(path: str | Path, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Load an exported file and run it once; see :class:`ExportedModel`."""
+    """Load an exported file and run it once; see :class:`ExportedModel` (its
+    :meth:`~ExportedModel.detect` applies a threshold, ``"auto"``: the file's own)."""
     return ExportedModel(path)(images)
 
 
@@ -458,7 +503,8 @@ def verify_coco(path: str | Path | ExportedModel, model: nn.Module, ann: str | P
 
     from tqdm import tqdm
 
-    from dinodet.data.coco import CocoDetection, SkippedImage
+    from dinodet.data.coco import SkippedImage
+    from dinodet.data.formats import open_dataset
     from dinodet.engine.evaluate import CocoEvaluator
     from dinodet.errors import UserError
     from dinodet.model.postprocess import postprocess
@@ -474,8 +520,8 @@ def verify_coco(path: str | Path | ExportedModel, model: nn.Module, ann: str | P
                         f"{meta['num_classes']} classes, not of {num_classes}")
     transform = EvalTransform.from_metadata(meta)
     classes = meta.get("classes")
-    dataset = CocoDetection(ann, images, _ResizeOnly(transform),
-                            keep_category_ids=keep_category_ids or classes is None)
+    dataset = open_dataset(ann, images, transforms=_ResizeOnly(transform),
+                           keep_category_ids=keep_category_ids or classes is None)
     label_to_id, names = _label_table(classes, num_classes, dataset, ann)
     evaluators = {side: CocoEvaluator(dataset.coco, label_to_id, names)
                   for side in ("pytorch", "exported", "pytorch_unclipped")}

@@ -2,13 +2,25 @@
 
 Sources (read with ``torch.load(weights_only=True)`` or safetensors; nothing in a file
 runs): a run checkpoint of ``dinodet train`` (model config, class table, evaluation
-transform, raw and EMA weights); a model directory of ``dinodet convert`` /
-:func:`save_pretrained` (safetensors + JSON); an original DINO ``.pth`` with its variant
-(keys renamed by :mod:`dinodet.convert`); a backbone file of ImageNet weights.
+transform, raw and EMA weights, per-class score thresholds when its validation gave them);
+a model directory of ``dinodet convert`` /
+:func:`save_pretrained` (safetensors + JSON, and a model card ``README.md``); a model
+directory on the Hugging Face Hub, ``"owner/name"`` or ``"hf://owner/name@revision"``
+(its ``config.json`` and ``model.safetensors`` only, downloaded into huggingface_hub's
+cache; how a repo id is told from a local path: :mod:`dinodet.hub`); an original DINO
+``.pth`` with its variant (keys renamed by :mod:`dinodet.convert`); a backbone file of
+ImageNet weights.
 
 Which weights of a run checkpoint are used is a stated choice: ``weights="ema"`` (the
 default of predict, eval, export and ``--init``) takes the EMA weights when there are any,
 ``"raw"`` the raw ones; :attr:`Weights.which` says what was taken.
+
+Per-class score thresholds (``class_thresholds``: class index -> the score a detection
+of that class needs, in [0, 1]) travel with a model as an optional entry of a run
+checkpoint or of a model directory's ``config.json``, stored as JSON (``{"0": 0.41, ...}``)
+and checked on load (:func:`check_class_thresholds`); ``threshold="auto"`` of
+:class:`~dinodet.predict.Detector` applies them. :func:`attach_class_thresholds` adds them
+to a file that has none.
 """
 
 from __future__ import annotations
@@ -35,12 +47,19 @@ if TYPE_CHECKING:
     from dinodet.config import DINOConfig
     from dinodet.model.dino import DINO
 
-__all__ = ["CheckpointError", "CheckpointNotFoundError", "LoadedModel", "Weights", "check_classes",
-           "check_keys", "check_output_dir", "check_output_file", "from_original",
+__all__ = ["CLASS_THRESHOLDS_KEY", "CheckpointError", "CheckpointNotFoundError", "LoadedModel",
+           "ModelMeta", "Weights", "attach_class_thresholds", "check_class_thresholds",
+           "check_classes", "check_keys", "check_model_meta", "check_output_dir",
+           "check_output_file", "class_thresholds_json", "from_original",
            "load_backbone_weights", "load_initial_weights", "load_into", "load_model",
-           "load_pretrained", "open_weights", "read_torch_file", "save_pretrained"]
+           "load_pretrained", "open_weights", "read_model_meta", "read_torch_file",
+           "save_pretrained"]
 
 WeightsChoice = Literal["ema", "raw"]
+
+#: The entry of a run checkpoint, a model directory's config.json and an exported file's
+#: metadata that holds the per-class score thresholds.
+CLASS_THRESHOLDS_KEY = "class_thresholds"
 
 # Globals a released checkpoint holds besides tensors and builtins; nothing else unpickles.
 _SAFE_GLOBALS: list[Any] = [argparse.Namespace]
@@ -191,10 +210,13 @@ class Weights:
     which: WeightsChoice = "raw"
     classes: list[dict[str, Any]] | None = None
     transform: EvalTransform = field(default_factory=EvalTransform)
+    class_thresholds: dict[int, float] | None = None  # class index -> minimum score
+    origin: str | None = None  # a Hub model's ``hf://owner/name@commit``; ``path`` its cache
 
     def describe(self) -> str:
         """e.g. ``dinodet checkpoint runs/x/best.pt (EMA weights)``."""
-        return f"{self.kind} {self.path} ({'EMA' if self.which == 'ema' else 'raw'} weights)"
+        where = f"{self.origin} ({self.path})" if self.origin else str(self.path)
+        return f"{self.kind} {where} ({'EMA' if self.which == 'ema' else 'raw'} weights)"
 
 
 def _run_transform(config: Any, where: str) -> EvalTransform:
@@ -296,6 +318,90 @@ def check_classes(classes: Any, num_classes: int, where: str, complete: bool = T
     return table
 
 
+def check_class_thresholds(thresholds: Any, num_classes: int, where: str,
+                           key: str = CLASS_THRESHOLDS_KEY) -> dict[int, float] | None:
+    """A model's per-class score thresholds, checked: None, or a mapping of class index
+    (an integer, or its decimal string as JSON keys are) to a number in [0, 1], every index
+    in ``[0, num_classes)`` and given once. Anything else is a :class:`CheckpointError`
+    naming ``where``, ``key`` and the entry. Returns ``{index: float}`` sorted by index; a
+    class left out has no threshold (``threshold="auto"`` keeps none of its detections)."""
+    if thresholds is None:
+        return None
+    if not isinstance(thresholds, Mapping):
+        raise CheckpointError(f"{where}: {key!r} must be a mapping of class index to score "
+                              f"threshold in [0, 1], got {_short(thresholds)}")
+    found: dict[int, float] = {}
+    for name, value in thresholds.items():
+        if is_int(name) or (isinstance(name, str) and name.isascii() and name.isdigit()):
+            index = int(name)
+        else:
+            raise CheckpointError(f"{where}: {key}[{_short(name)}]: the key must be a class "
+                                  "index (an integer)")
+        if not 0 <= index < num_classes:
+            raise CheckpointError(f"{where}: {key}[{_short(name)}]: class {index} is outside "
+                                  f"the model's {num_classes} classes (0 to {num_classes - 1})")
+        if index in found:
+            raise CheckpointError(f"{where}: {key}[{_short(name)}]: class {index} is given "
+                                  "twice")
+        if not (is_finite_number(value) and 0 <= value <= 1):
+            raise CheckpointError(f"{where}: {key}[{_short(name)}] must be a number in "
+                                  f"[0, 1], got {_short(value)}")
+        found[index] = float(value)
+    return dict(sorted(found.items()))
+
+
+def class_thresholds_json(thresholds: Mapping[int, float]) -> dict[str, float]:
+    """``{index: threshold}`` as stored in every file: decimal-string keys in index order
+    (what JSON keeps), plain floats."""
+    return {str(int(k)): float(v) for k, v in sorted(thresholds.items())}
+
+
+@dataclass
+class ModelMeta:
+    """A model directory's ``config.json``, checked: the raw JSON object (``variant``,
+    ``source``, ``metrics``, ``license``, ... as saved) and what loading takes from it."""
+
+    raw: dict[str, Any]
+    config: DINOConfig
+    classes: list[dict[str, Any]] | None
+    transform: EvalTransform
+    class_thresholds: dict[int, float] | None
+
+
+def check_model_meta(meta: Any, where: str) -> ModelMeta:
+    """The JSON object of a model directory's ``config.json``, checked key by key (model
+    config, class table, transform, per-class thresholds) before anything is built; errors
+    are :class:`CheckpointError` naming ``where`` and the key."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where} is not a valid dinodet config: expected a JSON "
+                              f"object with a 'config' entry, got {type(meta).__name__}")
+    if "config" not in meta:
+        raise CheckpointError(f"{where} is not a valid dinodet config: no 'config' entry "
+                              f"(found {', '.join(map(repr, list(meta)[:10])) or 'nothing'})")
+    config = _config(meta["config"], where, "config")
+    classes = check_classes(meta.get("classes"), config.num_classes, where)
+    transform = _eval_transform(meta, where)
+    thresholds = check_class_thresholds(meta.get(CLASS_THRESHOLDS_KEY), config.num_classes,
+                                        where)
+    return ModelMeta(meta, config, classes, transform, thresholds)
+
+
+def read_model_meta(cfg_file: str | Path) -> ModelMeta:
+    """A model directory's ``config.json`` read and checked (:func:`check_model_meta`)."""
+    cfg_file = Path(cfg_file)
+    try:
+        meta = json.loads(cfg_file.read_bytes())
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"model config not found: {cfg_file} does not "
+                                      "exist") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {cfg_file}: {e.strerror or e}") from e
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, or bytes that aren't UTF-8
+        raise CheckpointError(f"{cfg_file} is not a valid dinodet config: not JSON "
+                              f"({_first_line(e)})") from None
+    return check_model_meta(meta, str(cfg_file))
+
+
 def _model_directory(path: Path) -> Weights:
     """``config.json`` + ``model.safetensors`` (or the weights alone, enough for --init);
     the JSON is checked key by key before the weights are read or anything is built."""
@@ -306,24 +412,10 @@ def _model_directory(path: Path) -> Weights:
                            weights_file)
         raise CheckpointNotFoundError(f"{path} is not a dinodet model directory: "
                                       "config.json missing")
-    try:
-        meta = json.loads(cfg_file.read_bytes())
-    except OSError as e:
-        raise CheckpointError(f"cannot read {cfg_file}: {e.strerror or e}") from e
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, or bytes that aren't UTF-8
-        raise CheckpointError(f"{cfg_file} is not a valid dinodet config: not JSON "
-                              f"({_first_line(e)})") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{cfg_file} is not a valid dinodet config: expected a JSON "
-                              f"object with a 'config' entry, got {type(meta).__name__}")
-    if "config" not in meta:
-        raise CheckpointError(f"{cfg_file} is not a valid dinodet config: no 'config' entry "
-                              f"(found {', '.join(map(repr, list(meta)[:10])) or 'nothing'})")
-    config = _config(meta["config"], str(cfg_file), "config")
-    classes = check_classes(meta.get("classes"), config.num_classes, str(cfg_file))
-    transform = _eval_transform(meta, str(cfg_file))
+    meta = read_model_meta(cfg_file)
     sd = _read_safetensors(weights_file)
-    return Weights(sd, config, "dinodet model directory", path, "raw", classes, transform)
+    return Weights(sd, meta.config, "dinodet model directory", path, "raw", meta.classes,
+                   meta.transform, meta.class_thresholds)
 
 
 def _run_checkpoint(obj: Mapping[str, Any], path: Path, weights: WeightsChoice) -> Weights:
@@ -343,20 +435,34 @@ def _run_checkpoint(obj: Mapping[str, Any], path: Path, weights: WeightsChoice) 
     if not isinstance(sd, Mapping) or not all(isinstance(v, Tensor) for v in sd.values()):
         raise CheckpointError(f"{where}: {key!r} is not a state dict of tensors")
     classes = check_classes(obj.get("classes"), config.num_classes, where)
+    thresholds = check_class_thresholds(obj.get(CLASS_THRESHOLDS_KEY), config.num_classes,
+                                        where)
     return Weights(dict(sd), config, "dinodet checkpoint", path, which, classes,
-                   _run_transform(obj.get("config") or {}, where))
+                   _run_transform(obj.get("config") or {}, where), thresholds)
 
 
 def open_weights(path: str | Path, variant: str | None = None,
-                 weights: WeightsChoice = "ema") -> Weights:
+                 weights: WeightsChoice = "ema", *, revision: str | None = None) -> Weights:
     """Any weights file of the module docstring, in dinodet's layout. ``variant``: the
-    preset of an original DINO ``.pth``; ``weights``: EMA or raw of a run checkpoint."""
+    preset of an original DINO ``.pth``; ``weights``: EMA or raw of a run checkpoint;
+    ``revision``: the branch, tag or commit of a Hugging Face Hub repo (or
+    ``"owner/name@revision"``), which is opened as the model directory it holds."""
     from dinodet.config import get_preset
+    from dinodet.hub import download_model, hub_reference
 
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
     if variant is not None:
         get_preset(variant)  # an unknown variant fails before any file is read
+    ref = hub_reference(path, revision)
+    if ref is not None:
+        snapshot = download_model(ref)
+        found = _model_directory(snapshot)
+        found.origin = f"hf://{ref.repo_id}@{snapshot.name}"
+        return found
+    if revision is not None:
+        raise UserError(f"revision={revision!r} is for a Hugging Face Hub repo, and {path} is "
+                        "a local path: drop the revision")
     path = Path(path)
     if path.is_dir():
         return _model_directory(path)
@@ -391,14 +497,22 @@ class LoadedModel:
     transform: EvalTransform
     weights: Weights
 
+    @property
+    def class_thresholds(self) -> dict[int, float] | None:
+        """The per-class score thresholds stored with the model (None: it has none)."""
+        return self.weights.class_thresholds
+
 
 def load_model(path: str | Path, variant: str | None = None,
                weights: WeightsChoice = "ema",
-               map_location: str | torch.device = "cpu") -> LoadedModel:
-    """A model in eval mode from any source of :func:`open_weights` that has a config."""
+               map_location: str | torch.device = "cpu", *,
+               revision: str | None = None) -> LoadedModel:
+    """A model in eval mode from any source of :func:`open_weights` that has a config
+    (a Hugging Face Hub repo id too: ``"owner/name"``, ``revision`` its branch, tag or
+    commit)."""
     from dinodet.model.dino import DINO
 
-    found = open_weights(path, variant, weights)
+    found = open_weights(path, variant, weights, revision=revision)
     if found.config is None:
         hint = ("give its variant (e.g. --variant r50-4scale)"
                 if found.kind == "original DINO checkpoint"
@@ -496,28 +610,150 @@ def check_output_file(path: str | Path, what: str = "output file") -> Path:
 
 
 def save_pretrained(model: DINO, out_dir: str | Path, extra: dict[str, Any] | None = None,
-                    transform: EvalTransform | None = None) -> Path:
+                    transform: EvalTransform | None = None,
+                    class_thresholds: Mapping[int, float] | None = None, *,
+                    metrics: Mapping[str, float] | None = None,
+                    license: str | None = None) -> Path:
     """Write ``model.safetensors`` and ``config.json`` (no pickle), with ``extra``
-    (``classes``, ``source``, ...) and ``transform``'s metadata in the JSON. ``out_dir``
-    is checked first (:func:`check_output_dir`)."""
+    (``classes``, ``source``, ``variant``, ...), ``transform``'s metadata and
+    ``class_thresholds`` (class index -> score threshold; or
+    ``extra["class_thresholds"]``) in the JSON, and a Hugging Face model card
+    ``README.md`` made from it (:func:`dinodet.hub.model_card`). ``metrics`` (name ->
+    number, e.g. ``{"AP": 0.49}``) and ``license`` (a Hub license id, e.g.
+    ``"apache-2.0"``) go into both. ``out_dir``, the thresholds, metrics and license are
+    checked first (:func:`check_output_dir`, :func:`check_class_thresholds`); the card is
+    written last, so a directory with a ``README.md`` is complete."""
     from safetensors.torch import save_file
 
+    from dinodet.hub import METRICS_KEY, check_license, check_metrics, model_card
+
+    if class_thresholds is None:
+        class_thresholds = (extra or {}).get(CLASS_THRESHOLDS_KEY)
+    thresholds = check_class_thresholds(class_thresholds, model.cfg.num_classes,
+                                        f"save_pretrained {out_dir}")
+    if metrics is None:
+        metrics = (extra or {}).get(METRICS_KEY)
+    metrics = check_metrics(metrics, "save_pretrained metrics")
+    if license is None:
+        license = (extra or {}).get("license")
+    license = check_license(license, "save_pretrained license")
     out = check_output_dir(out_dir, "model directory")
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "dinodet"})
     meta = {"config": model.cfg.to_dict(), **(transform.metadata() if transform else {}),
             **(extra or {})}
+    for key in (CLASS_THRESHOLDS_KEY, METRICS_KEY, "license"):
+        meta.pop(key, None)
+    if thresholds is not None:
+        meta[CLASS_THRESHOLDS_KEY] = class_thresholds_json(thresholds)
+    if metrics is not None:
+        meta[METRICS_KEY] = metrics
+    if license is not None:
+        meta["license"] = license
     (out / "config.json").write_text(json.dumps(meta, indent=2))
+    (out / "README.md").write_text(model_card(check_model_meta(meta, str(out / "config.json"))),
+                                   encoding="utf-8")
     return out
 
 
-def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu") -> DINO:
-    """A model directory of :func:`save_pretrained` / ``dinodet convert``, in eval mode."""
+def _threshold_source(thresholds: Any) -> tuple[Any, str | None]:
+    """(the table, the JSON file it came from) of what :func:`attach_class_thresholds`
+    takes: a path of a JSON file (``thresholds.json`` of ``dinodet eval --report``, or a
+    bare table), or a mapping; an object holding ``class_thresholds`` gives that entry."""
+    source = None
+    if isinstance(thresholds, (str, Path)):
+        source = str(thresholds)
+        try:
+            thresholds = json.loads(Path(thresholds).read_bytes())
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(f"thresholds file not found: {source} does not "
+                                          "exist") from None
+        except OSError as e:
+            raise CheckpointError(f"cannot read {source}: {e.strerror or e}") from e
+        except (ValueError, RecursionError) as e:
+            raise CheckpointError(f"{source} is not JSON ({_first_line(e)})") from None
+    if isinstance(thresholds, Mapping) and CLASS_THRESHOLDS_KEY in thresholds:
+        thresholds = thresholds[CLASS_THRESHOLDS_KEY]
+    return thresholds, source
+
+
+def attach_class_thresholds(path: str | Path, thresholds: Any) -> Path:
+    """Store per-class score thresholds in a run checkpoint or a model directory's
+    ``config.json``, replacing any there; ``None`` removes them. ``thresholds``: a mapping
+    of class index to score in [0, 1] (``{"0": 0.41, ...}`` as JSON gives it), or the path
+    of a JSON file holding one, e.g. ``thresholds.json`` of ``dinodet eval --report``
+    (its ``class_thresholds``). They are checked against the model's classes first (errors
+    name the JSON file when there is one); the file is rewritten atomically. Returns the
+    file written."""
+    from dinodet.engine.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+
+    table, source = _threshold_source(thresholds)
     path = Path(path)
-    if not path.is_dir():
-        raise CheckpointNotFoundError(f"{path} is not a dinodet model directory")
-    return load_model(path, map_location=map_location).model
+    if path.is_dir():
+        from dinodet.hub import is_generated_card, model_card
+
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise CheckpointNotFoundError(f"{path} is not a dinodet model directory: "
+                                          "config.json missing")
+        try:
+            meta = json.loads(cfg_file.read_bytes())
+        except OSError as e:
+            raise CheckpointError(f"cannot read {cfg_file}: {e.strerror or e}") from e
+        except (ValueError, RecursionError) as e:
+            raise CheckpointError(f"{cfg_file} is not a valid dinodet config: not JSON "
+                                  f"({_first_line(e)})") from None
+        if not isinstance(meta, dict) or "config" not in meta:
+            raise CheckpointError(f"{cfg_file} is not a valid dinodet config: no 'config' "
+                                  "entry")
+        config = _config(meta["config"], str(cfg_file), "config")
+        found = check_class_thresholds(table, config.num_classes, source or str(cfg_file))
+        card = path / "README.md"
+        try:  # the model card shows the thresholds: rewritten unless someone edited it
+            refresh = card.is_file() and is_generated_card(
+                card, check_model_meta(meta, str(cfg_file)))
+        except UserError:  # a stored table this replaces, or metrics the card cannot show
+            refresh = False
+        meta.pop(CLASS_THRESHOLDS_KEY, None)
+        if found is not None:
+            meta[CLASS_THRESHOLDS_KEY] = class_thresholds_json(found)
+        text = json.dumps(meta, indent=2).encode()
+        atomic_write(cfg_file, lambda f: f.write(text), what="model config")
+        if refresh:
+            card_text = model_card(check_model_meta(meta, str(cfg_file))).encode()
+            atomic_write(card, lambda f: f.write(card_text), what="model card")
+        return cfg_file
+    state = load_checkpoint(path)
+    where = f"checkpoint {path}"
+    if "model_config" not in state:
+        raise CheckpointError(f"{where} is not a run checkpoint of dinodet train (no "
+                              "'model_config'): per-class thresholds go into a run "
+                              "checkpoint or a model directory")
+    config = _config(state["model_config"], where, "model_config")
+    found = check_class_thresholds(table, config.num_classes, source or where)
+    state.pop(CLASS_THRESHOLDS_KEY, None)
+    if found is not None:
+        state[CLASS_THRESHOLDS_KEY] = class_thresholds_json(found)
+    return save_checkpoint(path, state)
+
+
+def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu", *,
+                    revision: str | None = None) -> DINO:
+    """A model directory of :func:`save_pretrained` / ``dinodet convert``, in eval mode: a
+    local folder, or a Hugging Face Hub repo holding one (``"owner/name"``,
+    ``"hf://owner/name@revision"``; ``revision``: a branch, tag or commit), whose
+    ``config.json`` and ``model.safetensors`` are downloaded into huggingface_hub's cache
+    (a local folder of that name wins: see :mod:`dinodet.hub`)."""
+    from dinodet.hub import hub_reference
+
+    if hub_reference(path, revision) is None:
+        if revision is not None:
+            raise UserError(f"revision={revision!r} is for a Hugging Face Hub repo, and {path} "
+                            "is a local path: drop the revision")
+        if not Path(path).is_dir():
+            raise CheckpointNotFoundError(f"{path} is not a dinodet model directory")
+    return load_model(path, map_location=map_location, revision=revision).model
 
 
 def load_initial_weights(model: DINO, path: str | Path,

@@ -68,6 +68,21 @@ def test_overfitting_a_handful_of_images_reaches_ap50_0_9(tiny_data, tmp_path):
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if r["type"] == "step"]
     assert losses[-1] < 0.5 * losses[0]
+    # The end of training writes the last evaluation's report, and every checkpoint
+    # carries that evaluation's F1-optimal thresholds for threshold="auto".
+    report = tmp_path / "run" / "report"
+    thresholds = json.loads((report / "thresholds.json").read_text())["class_thresholds"]
+    ckpt = load_checkpoint(summary["latest_checkpoint"])
+    assert ckpt["class_thresholds"] == thresholds
+    assert sorted(thresholds) == ["0", "1", "2", "3"]
+    assert all(0.0 <= t <= 1.0 for t in thresholds.values())
+    matrix = json.loads((report / "confusion_matrix.json").read_text())
+    counts = matrix["matrix"]
+    classes = len(counts) - 1  # the last row and column are the background
+    found = sum(counts[i][i] for i in range(classes))
+    objects = sum(sum(row) for row in counts[:classes])
+    assert found >= 0.8 * objects, matrix  # an AP50 >= 0.9 model finds most objects
+    assert (report / "pr_curves.json").is_file()
 
 
 def _weights(path):
@@ -107,7 +122,7 @@ def test_checkpoint_contents_load_with_weights_only(tiny_data, tmp_path):
     summary = train(tiny_config(tiny_data, tmp_path, "ema=true", epochs=1), progress=False)
     ckpt = torch.load(summary["latest_checkpoint"], weights_only=True)
     for key in ("model", "optimizer", "scheduler", "scaler", "ema", "rng", "epoch", "step",
-                "config", "model_config", "classes"):
+                "config", "model_config", "classes", "early_stop", "class_thresholds"):
         assert key in ckpt, key
     assert [c["category_id"] for c in ckpt["classes"]] == [1, 3, 5, 7]
     assert ckpt["epoch"] == 1 and ckpt["step"] == 2

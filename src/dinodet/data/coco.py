@@ -14,6 +14,11 @@ boxes) are reported once and left out (``strict=True``: an error). An image that
 read (missing, not a regular file, over the pixel limit, undecodable) gives a
 :class:`SkippedImage` marker that the collate function lists in ``Batch.skipped`` (so the
 count survives worker processes).
+
+In place of the json's path, :class:`CocoDetection` takes the COCO dict itself, or a
+:class:`~dinodet.data.source.DatasetSource` (what the YOLO and Pascal VOC readers give,
+:func:`dinodet.data.formats.open_dataset`): the same checks apply, and what they report
+names the source's own files (``labels/a.txt:4: ...``) where it knows them.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import io
 import json
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
@@ -38,6 +43,7 @@ from torchvision.ops import box_convert, clip_boxes_to_image
 from torchvision.transforms.v2 import functional as F
 
 from dinodet.data.images import ImageReadError, load_image, resolve_max_pixels
+from dinodet.data.source import DatasetSource
 from dinodet.errors import DataError
 from dinodet.settings import is_finite_number, is_int
 
@@ -56,6 +62,8 @@ _REQUIRED_KEYS = {
 }
 _MAX_LISTED = 20  # bad annotations named in the load-time warning
 _MAX_IN_ERROR = 5  # ... and in the strict-mode error
+#: How messages name a COCO dict given in place of a json file.
+DICT_NAME = "<COCO dict>"
 #: The largest category id that ``keep_category_ids=True`` accepts: it makes one class per
 #: id from 0 to the largest (COCO's go to 90), so a stray id of 10**12 would otherwise
 #: allocate a classifier of 10**12 outputs.
@@ -87,6 +95,12 @@ def _read_json(ann_file: Path) -> dict[str, Any]:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{ann_file}: not a valid JSON file ({exc})") from exc
+    return _check_structure(data, ann_file)
+
+
+def _check_structure(data: object, ann_file: Path) -> dict[str, Any]:
+    """``data`` if it has COCO's three lists of objects with their keys; a DataError names
+    ``ann_file`` and the item otherwise."""
     if not isinstance(data, dict):
         raise DataError(f"{ann_file}: expected a JSON object, got {type(data).__name__}")
     for key, item_keys in _REQUIRED_KEYS.items():
@@ -154,8 +168,11 @@ class CocoDetection(Dataset):
     Crowd boxes (``iscrowd=1``) are not targets but stay in :attr:`coco` for evaluation.
 
     Args:
-        ann_file: the annotation json.
-        image_dir: folder that ``file_name`` of each image is relative to.
+        ann_file: the annotation json; or its content, a COCO dict (messages name it
+            ``<COCO dict>``); or a :class:`~dinodet.data.source.DatasetSource` (a YOLO or
+            VOC dataset read into COCO format; messages name its files).
+        image_dir: folder that ``file_name`` of each image is relative to (for a
+            ``DatasetSource``, None: its own ``image_dir``).
         transforms: called as ``transforms(image, target)`` on a ``tv_tensors.Image``
             (uint8) and ``{"boxes": BoundingBoxes (XYXY pixels), "labels": int64 [n]}``.
         keep_category_ids: use raw category ids as labels (``num_classes = max id + 1``;
@@ -175,15 +192,28 @@ class CocoDetection(Dataset):
 
     def __init__(
         self,
-        ann_file: str | Path,
-        image_dir: str | Path,
+        ann_file: str | Path | Mapping[str, Any] | DatasetSource,
+        image_dir: str | Path | None = None,
         transforms: Transform | None = None,
         keep_category_ids: bool = False,
         strict: bool = False,
         max_pixels: int | None = None,
         allow_outside_image_dir: bool = False,
     ) -> None:
-        self.ann_file = Path(ann_file)
+        #: the YOLO or VOC dataset this was read from (None: a COCO json or dict)
+        self.source: DatasetSource | None = None
+        #: ``"coco"``, ``"yolo"`` or ``"voc"``: the format of the files read
+        self.format = "coco"
+        if isinstance(ann_file, DatasetSource):
+            self.source, self.format = ann_file, ann_file.format
+            self.ann_file = ann_file.path
+            image_dir = ann_file.image_dir if image_dir is None else image_dir
+        elif isinstance(ann_file, Mapping):
+            self.ann_file = Path(DICT_NAME)
+        else:
+            self.ann_file = Path(ann_file)
+        if image_dir is None:
+            raise TypeError("CocoDetection needs image_dir, the folder of the images")
         self.image_dir = Path(image_dir)
         self.transforms = transforms
         self.keep_category_ids = keep_category_ids
@@ -191,7 +221,13 @@ class CocoDetection(Dataset):
         self.max_pixels = resolve_max_pixels(max_pixels)  # 0: no limit
         self.allow_outside_image_dir = allow_outside_image_dir
 
-        data = _read_json(self.ann_file)
+        if self.source is not None:
+            data = _check_structure(self.source.coco, self.ann_file)
+        elif isinstance(ann_file, Mapping):
+            data = _check_structure(dict(ann_file), self.ann_file)
+        else:
+            data = _read_json(self.ann_file)
+        origins = self.source.origins if self.source is not None else {}
         images = self._check_images(data["images"])
         categories = self._check_categories(data["categories"])
         self._build_class_table(categories)
@@ -202,6 +238,8 @@ class CocoDetection(Dataset):
             problem = _annotation_problem(ann, image_id_set, category_id_set)
             if problem is None:
                 valid.append(ann)
+            elif is_int(ann["id"]) and ann["id"] in origins:  # the label file and line
+                problems.append(f"{origins[ann['id']]}: {problem}")
             else:
                 problems.append(f"annotation {ann['id']!r} (image {ann['image_id']!r}): "
                                 f"{problem}")

@@ -1,10 +1,12 @@
 """Checkpoints: atomic saves, ``weights_only`` loads, keep-last-K plus best, RNG state.
 
 A checkpoint is one ``torch.save`` of a plain dict (its layout:
-:meth:`dinodet.engine.step.TrainState.state_dict`, plus RNG states, run config and class
-table) that ``torch.load(weights_only=True)`` reads; :func:`save_checkpoint` refuses,
-naming the key, anything else. Saving writes a temporary file beside the target, fsyncs
-and ``os.replace`` s it: a full disk or a kill leaves the previous checkpoint whole.
+:meth:`dinodet.engine.step.TrainState.state_dict`, plus RNG states, run config, class
+table and, from a run with validation, per-class score thresholds
+(:func:`with_class_thresholds`)) that ``torch.load(weights_only=True)`` reads;
+:func:`save_checkpoint` refuses, naming the key, anything else. Saving writes a temporary
+file beside the target, fsyncs and ``os.replace`` s it: a full disk or a kill leaves the
+previous checkpoint whole.
 """
 
 from __future__ import annotations
@@ -27,10 +29,17 @@ from typing import IO, Any, Literal
 import numpy as np
 import torch
 
-from dinodet.weights import CheckpointError, read_torch_file
+from dinodet.weights import (
+    CLASS_THRESHOLDS_KEY,
+    CheckpointError,
+    check_class_thresholds,
+    class_thresholds_json,
+    read_torch_file,
+)
 
 __all__ = ["CheckpointError", "CheckpointLoadError", "CheckpointManager", "CheckpointSaveError",
-           "capture_rng_state", "load_checkpoint", "restore_rng_state", "save_checkpoint"]
+           "capture_rng_state", "load_checkpoint", "read_class_thresholds", "restore_rng_state",
+           "save_checkpoint", "with_class_thresholds"]
 
 
 # One error type for every checkpoint problem (dinodet.weights.CheckpointError, a
@@ -71,6 +80,38 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, "
                               "expected a dict")
     return state
+
+
+def with_class_thresholds(state: Mapping[str, Any], thresholds: Mapping[int, float] | None
+                          ) -> dict[str, Any]:
+    """A copy of the checkpoint dict ``state`` (it holds ``model_config``) carrying the
+    per-class score thresholds ``thresholds`` (class index -> score in [0, 1], e.g. those
+    that maximise F1 on the validation set) under ``"class_thresholds"``, which
+    ``Detector(..., threshold="auto")`` applies; ``None`` leaves none. They are checked
+    against the model's classes here, so a bad table fails the save, not a later load."""
+    out = {k: v for k, v in state.items() if k != CLASS_THRESHOLDS_KEY}
+    if thresholds is None:
+        return out
+    config = state.get("model_config")
+    num_classes = config.get("num_classes") if isinstance(config, Mapping) else None
+    if not isinstance(num_classes, int):
+        raise CheckpointSaveError("the checkpoint state has no model_config.num_classes to "
+                                  "check the class thresholds against")
+    found = check_class_thresholds(thresholds, num_classes, "checkpoint state")
+    assert found is not None
+    out[CLASS_THRESHOLDS_KEY] = class_thresholds_json(found)
+    return out
+
+
+def read_class_thresholds(state: Mapping[str, Any], where: str = "checkpoint"
+                          ) -> dict[int, float] | None:
+    """The per-class score thresholds of a loaded checkpoint dict (None: it has none),
+    checked as on any load; errors name ``where`` (e.g. the file) and the entry."""
+    config = state.get("model_config")
+    num_classes = config.get("num_classes") if isinstance(config, Mapping) else None
+    if not isinstance(num_classes, int):
+        raise CheckpointError(f"{where}: no model_config.num_classes")
+    return check_class_thresholds(state.get(CLASS_THRESHOLDS_KEY), num_classes, where)
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], object], what: str = "checkpoint"

@@ -31,13 +31,25 @@ __all__ = ["RECIPES", "DataConfig", "OptimConfig", "TrainConfig", "load_train_co
 
 AmpMode = Literal["off", "bf16", "fp16"]
 Schedule = Literal["step", "multistep", "cosine"]
+DataFormat = Literal["auto", "coco", "yolo", "voc"]
+TrackerName = Literal["tensorboard", "wandb", "mlflow"]
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 @dataclass
 class DataConfig:
-    """COCO-format data and the paper's augmentation (its sizes: :class:`TransformConfig`).
+    """The data (COCO, YOLO or Pascal VOC) and the paper's augmentation (its sizes:
+    :class:`TransformConfig`).
+
+    ``train_ann`` / ``val_ann``: a COCO annotation json (with its image folder in
+    ``train_images`` / ``val_images``), a YOLO ``data.yaml`` or dataset folder, or a Pascal
+    VOC dataset folder (these name their own images; see
+    :func:`dinodet.data.formats.open_dataset`). ``format``: ``"auto"`` tells it from the
+    layout; a run records the format it read, so that a resumed run reads the same.
+    ``train_split`` / ``val_split``: the split of a YOLO / VOC layout that has splits (a
+    data.yaml's ``train`` / ``val`` key, VOC's ``ImageSets/Main/<split>.txt``); None for
+    COCO and for a layout read whole.
 
     ``keep_category_ids`` uses the raw COCO category ids as class indices (as the released
     checkpoints do); ``strict`` makes annotation problems errors instead of skipped boxes.
@@ -50,6 +62,9 @@ class DataConfig:
     train_images: str | None = None
     val_ann: str | None = None
     val_images: str | None = None
+    format: DataFormat = "auto"
+    train_split: str | None = None
+    val_split: str | None = None
     keep_category_ids: bool = False
     strict: bool = False
     num_workers: int = 2
@@ -60,6 +75,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         coerce_fields(self)
         require(self.num_workers >= 0, "num_workers", self.num_workers, "must be >= 0")
+        for key in ("train_split", "val_split"):
+            require(getattr(self, key) != "", key, getattr(self, key),
+                    "must name a split, or be null for none")
 
 
 @dataclass
@@ -124,6 +142,15 @@ class TrainConfig:
     evaluates during training. ``max_bad_steps`` consecutive steps with a NaN/inf loss stop
     the run. ``device``: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``,
     ``"cuda:N"`` or ``"mps"``.
+
+    ``early_stop_patience`` > 0 ends the run once that many evaluations in a row have not
+    raised the validation AP by more than ``early_stop_min_delta`` over the best so far
+    (``best.pt`` keeps the best weights). ``trackers`` also send the log's numbers, the
+    config and the run's plots to TensorBoard, Weights & Biases and/or MLflow (extras
+    ``dinodet[tensorboard]``, ``dinodet[wandb]``, ``dinodet[mlflow]``; see
+    :mod:`dinodet.engine.trackers`), under the project / experiment ``tracker_project`` and
+    the run name ``tracker_run_name`` (None: the run directory's name); ``tensorboard=true``
+    is the same as listing ``tensorboard``.
     """
 
     preset: str = "r50-4scale"
@@ -147,6 +174,11 @@ class TrainConfig:
     device: str = "auto"
     out_dir: str = "runs/dino"
     tensorboard: bool = False  # also write TensorBoard event files (extra: dinodet[tensorboard])
+    early_stop_patience: int = 0  # evaluations without a better AP before stopping; 0: never
+    early_stop_min_delta: float = 0.0  # an AP gain of at most this is no gain
+    trackers: tuple[TrackerName, ...] = ()  # tensorboard, wandb, mlflow
+    tracker_project: str = "dinodet"  # W&B project / MLflow experiment
+    tracker_run_name: str | None = None  # None: the name of out_dir
 
     def __post_init__(self) -> None:
         coerce_fields(self)
@@ -157,8 +189,21 @@ class TrainConfig:
         for key in ("epochs", "batch_size", "eval_batch_size", "keep_last", "log_every",
                     "max_bad_steps"):
             require(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
-        for key in ("checkpoint_every_steps", "eval_every_epochs"):
+        for key in ("checkpoint_every_steps", "eval_every_epochs", "early_stop_patience"):
             require(getattr(self, key) >= 0, key, getattr(self, key), "must be >= 0")
+        require(math.isfinite(self.early_stop_min_delta) and self.early_stop_min_delta >= 0,
+                "early_stop_min_delta", self.early_stop_min_delta,
+                "must be a finite AP difference >= 0")
+        require(self.early_stop_patience == 0 or self.eval_every_epochs > 0,
+                "early_stop_patience", self.early_stop_patience,
+                "needs evaluations during training: set eval_every_epochs >= 1")
+        require(len(set(self.trackers)) == len(self.trackers), "trackers", self.trackers,
+                "each tracker may be named once")
+        require(bool(self.tracker_project.strip()), "tracker_project", self.tracker_project,
+                "must not be empty")
+        require(self.tracker_run_name is None or bool(self.tracker_run_name.strip()),
+                "tracker_run_name", self.tracker_run_name, "must not be empty (null: the "
+                "run directory's name)")
         require(0.0 <= self.ema_decay < 1.0, "ema_decay", self.ema_decay, "must be in [0, 1)")
         require(_DEVICE.fullmatch(self.device) is not None, "device", self.device,
                 "use auto, cpu, cuda, cuda:N or mps")
@@ -192,6 +237,12 @@ class TrainConfig:
         return (f"total batch {total} = {world_size} process{'es' if world_size > 1 else ''} "
                 f"x {self.batch_size} image{'s' if self.batch_size > 1 else ''} "
                 f"x {steps} step{'s' if steps > 1 else ''}")
+
+    def tracker_names(self) -> tuple[TrackerName, ...]:
+        """``trackers``, with ``tensorboard`` first when ``tensorboard=true`` asks for it."""
+        if self.tensorboard and "tensorboard" not in self.trackers:
+            return ("tensorboard", *self.trackers)
+        return self.trackers
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serialisable data (tuples become lists)."""

@@ -32,8 +32,8 @@ from torch import Tensor, nn
 from dinodet.errors import UserError
 from dinodet.model.postprocess import postprocess
 
-__all__ = ["METRIC_NAMES", "CocoEvaluator", "EvalResult", "evaluate", "evaluate_checkpoint",
-           "evaluate_results", "write_results"]
+__all__ = ["METRIC_NAMES", "CocoEvaluator", "EvalResult", "PrecisionCurves", "evaluate",
+           "evaluate_checkpoint", "evaluate_results", "write_results"]
 
 # The names of COCOeval.stats[0..11], in order.
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
@@ -54,17 +54,51 @@ def _fmt(value: float) -> str:
     return "-" if value < 0 or math.isnan(value) else f"{100 * value:.1f}"
 
 
+@dataclass(eq=False)
+class PrecisionCurves:
+    """What the evaluation report (:mod:`dinodet.engine.analysis`) needs of COCOeval's
+    ``accumulate()``: the interpolated precision at area "all" and 100 detections per image
+    (as AP), without COCOeval's per-image tables, which are large on a large dataset.
+
+    ``precision`` [T, R, K]: at ``iou_thresholds[t]`` and ``recall_points[r]`` for
+    ``category_ids[k]``; pycocotools' -1 where a class has nothing to score (no
+    ground truth). ``image_ids``: the images evaluated."""
+
+    precision: np.ndarray
+    iou_thresholds: tuple[float, ...]
+    recall_points: tuple[float, ...]
+    category_ids: tuple[int, ...]
+    image_ids: tuple[int, ...]
+
+    @classmethod
+    def from_cocoeval(cls, coco_eval: COCOeval) -> PrecisionCurves:
+        """The curves of an accumulated ``COCOeval`` (a copy: it may be freed after)."""
+        params = coco_eval.params
+        area = list(params.areaRngLbl).index("all")
+        max_dets = list(params.maxDets).index(100)
+        precision = np.array(coco_eval.eval["precision"][:, :, :, area, max_dets])
+        return cls(precision, tuple(float(t) for t in params.iouThrs),
+                   tuple(float(r) for r in params.recThrs),
+                   tuple(int(c) for c in params.catIds), tuple(int(i) for i in params.imgIds))
+
+
 @dataclass
 class EvalResult:
     """COCO box metrics: ``metrics`` maps ``METRIC_NAMES`` to [0, 1] (pycocotools' -1 where
     undefined, e.g. APl without large objects); ``per_class`` has ``label``,
     ``category_id``, ``name`` and ``AP`` (0.50:0.95, all areas, 100 detections; nan without
     ground truth) of every class in the ground truth. ``detections``: the COCO results
-    scored, where the caller kept them (:func:`evaluate_checkpoint` does)."""
+    scored, where the caller kept them (:func:`evaluate_checkpoint` does).
+
+    For the evaluation report (:func:`dinodet.engine.analysis.write_eval_report`), without
+    evaluating again: ``curves``, the precision-recall curves of the evaluation, and
+    ``ground_truth``, the COCO object scored against (a reference, not a copy)."""
 
     metrics: dict[str, float]
     per_class: list[dict[str, Any]] = field(default_factory=list)
     detections: list[dict[str, Any]] | None = field(default=None, repr=False, compare=False)
+    curves: PrecisionCurves | None = field(default=None, repr=False, compare=False)
+    ground_truth: COCO | None = field(default=None, repr=False, compare=False)
 
     def format_table(self) -> str:
         """The main metrics and the per-class AP as fixed-width text, in percent."""
@@ -122,7 +156,8 @@ def evaluate_results(coco_gt: COCO, results: Sequence[Mapping[str, Any]],
         coco_eval.summarize()
     metrics = {name: float(v) for name, v in zip(METRIC_NAMES, coco_eval.stats, strict=True)}
     return EvalResult(metrics, _per_class_ap(coco_eval, coco_gt, label_to_category_id,
-                                             class_names))
+                                             class_names),
+                      curves=PrecisionCurves.from_cocoeval(coco_eval), ground_truth=coco_gt)
 
 
 def _per_class_ap(coco_eval: COCOeval, coco_gt: COCO,
@@ -290,12 +325,16 @@ def evaluate(model: nn.Module, loader: Iterable[Any], device: torch.device | str
     return evaluator.summarize(verbose=verbose), evaluator.results()
 
 
-def evaluate_checkpoint(checkpoint: str | Path, ann: str | Path, images: str | Path,
+def evaluate_checkpoint(checkpoint: str | Path, ann: str | Path,
+                        images: str | Path | None = None,
                         out: str | Path | None = None, variant: str | None = None,
                         batch_size: int = 1, eval_size: int | None = None,
                         max_size: int | None = None, keep_category_ids: bool = False,
                         num_workers: int = 2, device: str = "auto",
-                        weights: str = "ema", int8: bool = False) -> EvalResult:
+                        weights: str = "ema", int8: bool = False,
+                        report: str | Path | None = None, confusion_iou: float = 0.5,
+                        confusion_threshold: float = 0.3, data_format: str = "auto",
+                        split: str | None = None) -> EvalResult:
     """COCO metrics of any model file :func:`~dinodet.weights.load_model` opens, its images
     through the model's :class:`~dinodet.data.EvalTransform` (``eval_size`` / ``max_size``
     override it as in ``dinodet predict``). The detections are kept in the result's
@@ -303,9 +342,15 @@ def evaluate_checkpoint(checkpoint: str | Path, ann: str | Path, images: str | P
     (:func:`~dinodet.weights.check_output_file`) before anything is read or evaluated.
     ``int8``: evaluate the model with its Linear layers dynamically quantised to int8
     (:func:`~dinodet.model.quantize.quantize_int8`), on the CPU ("auto" picks it), to
-    measure what int8 costs in AP."""
-    from dinodet.data.coco import CocoDetection
+    measure what int8 costs in AP. ``report``: a folder to write the evaluation report into
+    (:func:`dinodet.engine.analysis.write_eval_report`: PR curves, the confusion matrix at
+    ``confusion_iou`` / ``confusion_threshold``, F1-optimal class thresholds), checked
+    before anything is evaluated too. ``ann``: a COCO json (``images``: its image folder),
+    a YOLO data.yaml / dataset folder or a Pascal VOC folder (``split``: which of its
+    splits), as :func:`dinodet.data.formats.open_dataset` reads them (``data_format``:
+    ``"auto"`` tells the format from the layout)."""
     from dinodet.data.collate import build_loader
+    from dinodet.data.formats import open_dataset
     from dinodet.engine.distributed import resolve_device
     from dinodet.weights import check_output_file, load_model
 
@@ -315,6 +360,10 @@ def evaluate_checkpoint(checkpoint: str | Path, ann: str | Path, images: str | P
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     if out is not None:
         check_output_file(out, "results file")
+    if report is not None:
+        from dinodet.engine.analysis import check_report_options
+
+        check_report_options(report, confusion_iou, confusion_threshold)
     if int8 and device != "auto" and str(device).split(":")[0] != "cpu":
         raise UserError(f"int8 runs on the CPU only, not on device {device!r}; use "
                         "device cpu or auto, or drop int8")
@@ -323,7 +372,8 @@ def evaluate_checkpoint(checkpoint: str | Path, ann: str | Path, images: str | P
     # The original checkpoints index classes by raw COCO id.
     keep_ids = keep_category_ids or loaded.classes is None
     transform = loaded.transform.with_sizes(eval_size, max_size)
-    dataset = CocoDetection(ann, images, transform, keep_category_ids=keep_ids)
+    dataset = open_dataset(ann, images, format=data_format, split=split,
+                           transforms=transform, keep_category_ids=keep_ids)
     label_to_id, names = dataset.label_to_category_id, dataset.class_names
     if loaded.classes is not None:
         # By label (the table need not be in order or complete); a label without an entry
@@ -352,4 +402,9 @@ def evaluate_checkpoint(checkpoint: str | Path, ann: str | Path, images: str | P
     result.detections = results
     if out is not None:
         write_results(out, results)
+    if report is not None:
+        from dinodet.engine.analysis import write_eval_report
+
+        write_eval_report(report, result, confusion_iou=confusion_iou,
+                          confusion_threshold=confusion_threshold)
     return result

@@ -17,6 +17,7 @@ import os
 import signal
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +26,31 @@ from torch import nn
 
 from dinodet.data.coco import CocoDetection
 from dinodet.data.collate import build_loader
+from dinodet.data.formats import common_format, open_dataset
 from dinodet.data.transforms import build_transforms
 from dinodet.engine import distributed as dist
+from dinodet.engine.analysis import ReportClass, f1_thresholds, write_eval_report
 from dinodet.engine.checkpoint import (
     CheckpointManager,
     atomic_write,
     capture_rng_state,
     load_checkpoint,
+    read_class_thresholds,
     restore_rng_state,
+    with_class_thresholds,
 )
 from dinodet.engine.config import TrainConfig
 from dinodet.engine.evaluate import EvalResult, evaluate
 from dinodet.engine.rundir import RunDirLock
 from dinodet.engine.step import NonFiniteWeightsError, TrainState, train_step, window_num_boxes
+from dinodet.engine.trackers import (
+    Status,
+    Tracker,
+    check_available,
+    draw_plots,
+    open_trackers,
+    run_files,
+)
 from dinodet.errors import DataError
 from dinodet.model.dino import DINO
 from dinodet.weights import CheckpointError, WeightsChoice, load_initial_weights
@@ -82,6 +95,61 @@ class _StopSignal:
         self._restore()
 
 
+@dataclasses.dataclass
+class EarlyStopping:
+    """Ends a run whose validation AP has stopped rising: once ``patience`` evaluations in a
+    row (0: never) have not beaten the last gain by more than ``min_delta``.
+
+    ``best_AP`` / ``best_epoch`` are the highest AP so far (that of ``best.pt``); ``bar`` the
+    AP of the last gain, which the next must beat (``best_AP`` itself when ``min_delta`` is
+    0); ``stale`` the evaluations since that gain. The state goes into every checkpoint,
+    so a resumed run stops at the epoch an uninterrupted one would.
+    """
+
+    patience: int = 0
+    min_delta: float = 0.0
+    best_AP: float | None = None
+    best_epoch: int | None = None
+    bar: float | None = None
+    stale: int = 0
+
+    def update(self, ap: float, epoch: int) -> None:
+        """Count the evaluation of (1-based) ``epoch``; a non-finite AP is no gain."""
+        finite = math.isfinite(ap)
+        if finite and (self.best_AP is None or ap > self.best_AP):
+            self.best_AP, self.best_epoch = float(ap), int(epoch)
+        if finite and (self.bar is None or ap > self.bar + self.min_delta):
+            self.bar, self.stale = float(ap), 0
+        else:
+            self.stale += 1
+
+    @property
+    def triggered(self) -> bool:
+        return self.patience > 0 and self.stale >= self.patience
+
+    def reason(self, evaluations: str = "epochs") -> str:
+        """``"early stopping: no AP gain for 3 epochs (best 0.412 at epoch 5)"``."""
+        best = "no finite AP" if self.best_AP is None else (
+            f"best {self.best_AP:.3f} at epoch {self.best_epoch}")
+        return f"early stopping: no AP gain for {self.stale} {evaluations} ({best})"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_AP": self.best_AP, "best_epoch": self.best_epoch, "bar": self.bar,
+                "stale": self.stale}
+
+    def load_state_dict(self, saved: Any, history: Sequence[dict[str, Any]] = ()) -> None:
+        """Continue from :meth:`state_dict`'s output; from a checkpoint without it (older
+        than early stopping), from the APs of its epoch ``history``. The patience and
+        ``min_delta`` stay this run's."""
+        if isinstance(saved, dict):
+            for key in ("best_AP", "best_epoch", "bar", "stale"):
+                setattr(self, key, saved.get(key, getattr(self, key)))
+            return
+        for record in history:
+            if isinstance(record.get("AP"), (int, float)):
+                self.update(float(record["AP"]), int(record["epoch"]))
+
+
 def build_training_model(cfg: TrainConfig, num_classes: int, init: str | None = None,
                          init_weights: WeightsChoice = "ema",
                          backbone_weights: bool = True) -> DINO:
@@ -123,33 +191,63 @@ def build_training_model(cfg: TrainConfig, num_classes: int, init: str | None = 
 
 
 class RunLog:
-    """One JSON line per record in ``log.jsonl``; the numbers also go to TensorBoard when
-    asked (``tensorboard=true``; needs the ``tensorboard`` package)."""
+    """One JSON line per record in ``log.jsonl``; the numbers of step and epoch records also
+    go to the experiment ``trackers`` (:mod:`dinodet.engine.trackers`) as
+    ``<type>/<key>`` at the record's step. A tracker that fails is warned about once and
+    left out of the rest of the run: the log file has every number."""
 
-    def __init__(self, out_dir: Path, tensorboard: bool) -> None:
+    def __init__(self, out_dir: Path, trackers: Sequence[Tracker] = ()) -> None:
         self.path = out_dir / "log.jsonl"
-        self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise ImportError("tensorboard=true needs the tensorboard package: "
-                                  "pip install 'dinodet[tensorboard]'") from e
-            self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+        self.out_dir = out_dir
+        self.trackers = list(trackers)
+        self._closed = False
 
     def __call__(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.writer is not None and record["type"] in ("step", "epoch"):
-            x = record["step"]
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("step", "epoch", "type"):
-                    self.writer.add_scalar(f"{record['type']}/{key}", value, x)
-            self.writer.flush()
+        if self.trackers and record["type"] in ("step", "epoch"):
+            scalars = {f"{record['type']}/{key}": value for key, value in record.items()
+                       if isinstance(value, (int, float)) and not isinstance(value, bool)
+                       and key not in ("step", "epoch", "type")}
+            self._each(lambda t: t.log_scalars(record["step"], scalars))
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+    def _each(self, call: Any) -> None:
+        for tracker in list(self.trackers):
+            try:
+                call(tracker)
+            except Exception as e:
+                self.trackers.remove(tracker)
+                warnings.warn(f"{tracker.name}: {type(e).__name__}: {e}; no more is sent to "
+                              f"it, {self.path} has everything", stacklevel=3)
+                with contextlib.suppress(Exception):
+                    tracker.close("failed")
+
+    def close(self, status: Status = "finished", files: bool = True) -> None:
+        """End the trackers' runs as ``status``, first (``files``) handing them the run's
+        plots (drawn now when a tracker keeps files) and files. Only the first call acts."""
+        if self._closed:
+            return
+        self._closed = True
+        if files and any(t.takes_files for t in self.trackers):
+            draw_plots(self.out_dir)
+            paths = run_files(self.out_dir)
+            self._each(lambda t: t.log_files(paths))
+        for tracker in self.trackers:
+            try:
+                tracker.close(status)
+            except Exception as e:
+                warnings.warn(f"{tracker.name}: could not end its run: {type(e).__name__}: "
+                              f"{e}", stacklevel=2)
+
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: Any) -> None:
+        """A run that ends by an exception: its trackers' runs end failed (killed: Ctrl-C),
+        without files."""
+        status: Status = ("finished" if kind is None else
+                          "killed" if issubclass(kind, KeyboardInterrupt) else "failed")
+        self.close(status, files=False)
 
 
 def train(cfg: TrainConfig, resume: str | None = None, init: str | None = None,
@@ -178,7 +276,9 @@ def _train(cfg: TrainConfig, resume: str | None, init: str | None, max_steps: in
             held = lock.took_over
             print(f"{out_dir}: the run that held it (pid {held.get('pid')} on "
                   f"{held.get('host')}) is gone; continuing in its directory")
-        return _run(cfg, info, out_dir, resume, init, max_steps, progress, init_weights)
+        with contextlib.ExitStack() as cleanup:  # ends the trackers' runs on an exception
+            return _run(cfg, info, out_dir, resume, init, max_steps, progress, init_weights,
+                        cleanup)
 
 
 def _restart_count() -> int:
@@ -191,22 +291,32 @@ def _restart_count() -> int:
 
 def _run(cfg: TrainConfig, info: dist.DistInfo, out_dir: Path, resume: str | None,
          init: str | None, max_steps: int | None, progress: bool,
-         init_weights: WeightsChoice) -> dict[str, Any]:
+         init_weights: WeightsChoice, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     d = cfg.data
-    if not (d.train_ann and d.train_images):
-        raise DataError("training needs data.train_ann and data.train_images")
-    dataset_options: dict[str, Any] = {"keep_category_ids": d.keep_category_ids, "strict": d.strict,
+    if not d.train_ann:
+        raise DataError("training needs data.train_ann (and data.train_images for a COCO "
+                        "json)")
+    if cfg.early_stop_patience and not d.val_ann:
+        raise DataError(f"early_stop_patience={cfg.early_stop_patience} needs validation "
+                        "data: set data.val_ann (and data.val_images)")
+    check_available(cfg.tracker_names())  # on every rank, before any work
+    dataset_options: dict[str, Any] = {"format": d.format,
+                       "keep_category_ids": d.keep_category_ids, "strict": d.strict,
                        "max_pixels": d.max_image_pixels,
                        "allow_outside_image_dir": d.allow_outside_image_dir}
-    train_set = CocoDetection(d.train_ann, d.train_images, build_transforms(True, d.transform),
-                              **dataset_options)
+    train_set = open_dataset(d.train_ann, d.train_images, split=d.train_split,
+                             transforms=build_transforms(True, d.transform), **dataset_options)
     val_set = None
-    if d.val_ann and d.val_images:
-        val_set = CocoDetection(d.val_ann, d.val_images, build_transforms(False, d.transform),
-                                **dataset_options)
+    if d.val_ann:
+        val_set = open_dataset(d.val_ann, d.val_images, split=d.val_split,
+                               transforms=build_transforms(False, d.transform),
+                               **dataset_options)
         if val_set.label_to_category_id != train_set.label_to_category_id:
             raise DataError(f"the categories of {d.val_ann} differ from those of "
                             f"{d.train_ann}; both splits must share one category table")
+    # the format read goes into the run's config: a resumed run reads the data the same way
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+        d, format=common_format(train_set, val_set)))
     cfg = _with_data_classes(cfg, train_set)
 
     accumulate = cfg.accumulation(info.world_size)
@@ -229,9 +339,15 @@ def _run(cfg: TrainConfig, info: dist.DistInfo, out_dir: Path, resume: str | Non
     state = TrainState.create(
         model.to(info.device), cfg.optim, steps_per_epoch, cfg.epochs,
         amp=cfg.amp, ema_decay=cfg.ema_decay if cfg.ema else None)
+    early = EarlyStopping(cfg.early_stop_patience, cfg.early_stop_min_delta)
+    # Per-class F1-optimal score thresholds of the latest evaluation (rank 0), saved with
+    # every checkpoint for threshold="auto".
+    thresholds: dict[int, float] | None = None
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path)
         changed = state.load_state_dict(ckpt, where=str(ckpt_path))
+        early.load_state_dict(ckpt.get("early_stop"), state.progress.history)
+        thresholds = read_class_thresholds(ckpt, str(ckpt_path))
         rng = ckpt.get("rng") or []
         if rng:
             restore_rng_state(rng[info.rank] if info.rank < len(rng) else rng[0])
@@ -243,7 +359,12 @@ def _run(cfg: TrainConfig, info: dist.DistInfo, out_dir: Path, resume: str | Non
     if info.is_main:  # only now: a failed --resume leaves the run's config as it was
         atomic_write(out_dir / "config.yaml", lambda f: f.write(cfg.to_yaml().encode()),
                      what="run config")
-    log = RunLog(out_dir, cfg.tensorboard and info.is_main)
+    trackers: list[Tracker] = []
+    if info.is_main and cfg.tracker_names():
+        trackers = open_trackers(cfg.tracker_names(), out_dir, cfg.tracker_project,
+                                 cfg.tracker_run_name or out_dir.resolve().name,
+                                 cfg.to_dict(), resume=ckpt_path is not None)
+    log = cleanup.enter_context(RunLog(out_dir, trackers))
     if info.distributed:
         state.net = nn.parallel.DistributedDataParallel(
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
@@ -269,15 +390,18 @@ def _run(cfg: TrainConfig, info: dist.DistInfo, out_dir: Path, resume: str | Non
         gather_skipped([names for _, names in gathered])
         if not info.is_main:
             return None
-        return manager.save({**state.state_dict(), "rng": rng, "config": cfg.to_dict(),
-                             "classes": train_set.class_table()},
-                            epoch=state.progress.epoch, step=state.progress.step,
-                            metric=metric)
+        return manager.save(with_class_thresholds(
+            {**state.state_dict(), "rng": rng, "config": cfg.to_dict(),
+             "classes": train_set.class_table(), "early_stop": early.state_dict()},
+            thresholds), epoch=state.progress.epoch, step=state.progress.step, metric=metric)
 
     start = time.perf_counter()
     stopped_by: str | None = None
     saved = False
     last_eval: EvalResult | None = None
+    evaluations = "epochs" if cfg.eval_every_epochs == 1 else "evaluations"
+    if early.triggered and run.epoch < cfg.epochs:  # resumed from a run that stopped early
+        stopped_by, saved = early.reason(evaluations), True
     with _StopSignal() as stop:
         while run.epoch < cfg.epochs and stopped_by is None:
             loader = build_loader(train_set, cfg.batch_size, True, d.num_workers, cfg.seed,
@@ -293,7 +417,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo, out_dir: Path, resume: str | Non
                 names = gather_skipped()
                 raise DataError(
                     f"epoch {run.epoch + 1} took no optimizer step: no image of "
-                    f"{d.train_images} could be read ({len(names)} unreadable, listed in "
+                    f"{train_set.image_dir} could be read ({len(names)} unreadable, listed in "
                     f"{skipped_file}); fix the images or the annotation file")
             metric = None
             every = cfg.eval_every_epochs
@@ -303,6 +427,11 @@ def _run(cfg: TrainConfig, info: dist.DistInfo, out_dir: Path, resume: str | Non
                                       val_set,
                                       info)
                 metric = last_eval.metrics["AP"]
+                if info.is_main:
+                    thresholds = _f1_thresholds(last_eval)
+                if info.distributed:  # rank 0's AP decides for all: the same stop everywhere
+                    metric = dist.all_gather_object(metric)[0]
+                early.update(metric, run.epoch + 1)
             record = {"type": "epoch", "epoch": run.epoch + 1, "step": run.step,
                       "time": time.perf_counter() - start,
                       **(dict(last_eval.metrics) if last_eval and metric is not None else {})}
@@ -317,6 +446,8 @@ def _run(cfg: TrainConfig, info: dist.DistInfo, out_dir: Path, resume: str | Non
             if _any_rank(stop.received is not None, info, state.device):
                 stopped_by = _signal_name(stop)  # during the evaluation: saved just now
                 saved = True
+            elif early.triggered and run.epoch < cfg.epochs:  # best.pt has the best weights
+                stopped_by, saved = early.reason(evaluations), True
         if stopped_by is not None and not saved:  # a signal or max_steps: keep where we are
             checkpoint()
 
@@ -326,12 +457,21 @@ def _run(cfg: TrainConfig, info: dist.DistInfo, out_dir: Path, resume: str | Non
         "skipped_images": len(skipped), "bad_steps": run.bad_steps,
         "skipped_images_file": str(skipped_file) if skipped else None,
         "stopped_by": stopped_by, "best_AP": manager.best_metric,
+        "best_epoch": early.best_epoch,
         "metrics": last_eval.metrics if last_eval is not None else None,
         "latest_checkpoint": str(manager.latest()) if info.is_main else None,
     }
+    if info.is_main and last_eval is not None and last_eval.detections is not None:
+        report = out_dir / REPORT_DIR
+        try:
+            write_eval_report(report, last_eval)
+            print(f"evaluation report (PR curves, confusion matrix, thresholds): {report}")
+        except OSError as e:  # the weights are saved: a report that fails loses no work
+            warnings.warn(f"could not write the evaluation report to {report}: {e}",
+                          stacklevel=1)
     if info.is_main:
         log({"type": "summary", **summary})
-        log.close()
+        log.close("killed" if stopped_by and stopped_by.startswith("signal") else "finished")
         _print_summary(summary, skipped)
     dist.barrier()  # ranks finish together; a rank leaving alone can abort gloo at exit
     return summary
@@ -458,10 +598,27 @@ def _evaluate(cfg: TrainConfig, model: DINO, val_set: CocoDetection,
               info: dist.DistInfo) -> EvalResult:
     loader = build_loader(val_set, cfg.eval_batch_size, False, cfg.data.num_workers,
                           rank=info.rank, world_size=info.world_size)
-    result, _ = evaluate(model, loader, info.device, val_set.label_to_category_id, val_set.coco,
-                         num_select=model.cfg.num_select, amp=cfg.amp,
-                         class_names=val_set.class_names)
+    result, detections = evaluate(model, loader, info.device, val_set.label_to_category_id,
+                                  val_set.coco, num_select=model.cfg.num_select, amp=cfg.amp,
+                                  class_names=val_set.class_names)
+    result.detections = detections
     return result
+
+
+REPORT_DIR = "report"
+"""The run directory's folder for the last evaluation's report (``dinodet eval --report``'s
+files: PR curves, confusion matrix, thresholds), written at the end of training."""
+
+
+def _f1_thresholds(result: EvalResult) -> dict[int, float] | None:
+    """Each class's F1-optimal score threshold on the evaluation ``result`` (None without
+    its detections or ground truth)."""
+    if result.detections is None or result.ground_truth is None:
+        return None
+    classes = [ReportClass(int(e["label"]), int(e["category_id"]), str(e["name"]))
+               for e in result.per_class]
+    found = f1_thresholds(result.ground_truth, result.detections, classes)
+    return {label: t.threshold for label, t in found.items()} or None
 
 
 def _print_summary(summary: dict[str, Any], skipped: list[str]) -> None:
@@ -473,7 +630,9 @@ def _print_summary(summary: dict[str, Any], skipped: list[str]) -> None:
         rows += [("AP", f"{summary['metrics']['AP']:.3f}"),
                  ("AP50", f"{summary['metrics']['AP50']:.3f}")]
     if summary["best_AP"] is not None and not math.isnan(summary["best_AP"]):
-        rows.append(("best AP", f"{summary['best_AP']:.3f}"))
+        epoch = summary.get("best_epoch")
+        rows.append(("best AP", f"{summary['best_AP']:.3f}"
+                                + (f" (epoch {epoch})" if epoch is not None else "")))
     if summary["stopped_by"]:
         rows.append(("stopped by", summary["stopped_by"]))
     rows.append(("latest checkpoint", summary["latest_checkpoint"]))
