@@ -4,12 +4,14 @@ baseline is the same computation as dinodet's deformable attention."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import dinodet
 from dinodet.model.ms_deform_attn import ms_deform_attn
@@ -259,3 +261,15 @@ def test_bench_int8_end_to_end(tmp_path: Path) -> None:
     assert results["profiles"]["int8 (x86)"]["groups_s"]["linear"] > 0
     help_run = _run("benchmarks/bench_int8.py", "--help", timeout=120)
     assert help_run.stdout.startswith("usage:") and "--json" in help_run.stdout
+
+
+def test_sliced_example_draws_more_detections_sliced_than_unsliced(tmp_path):
+    out = tmp_path / "sliced.png"
+    proc = _run(str(BENCHMARKS / "sliced_example.py"), str(out), "--size", "600", "800",
+                "--tile", "200", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    sliced, unsliced = (int(n) for n in re.findall(r"(\d+) detections sliced, (\d+) unsliced",
+                                                    proc.stdout)[0])
+    assert sliced > unsliced
+    with Image.open(out) as image:
+        assert image.size == (800, 600)
