@@ -370,7 +370,7 @@ def test_a_failing_export_leaves_no_temporary_file(fmt, tmp_path, monkeypatch):
         monkeypatch.setattr(torch.export, "save", half_written)
     out = tmp_path / f"model.{'onnx' if fmt == 'onnx' else 'pt2'}"
     with pytest.raises((RuntimeError, OSError)):
-        export_model(model, out, fmt, example_size=(64, 64))
+        export_model(model, out, fmt, example_size=(96, 96))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -388,7 +388,7 @@ def test_export_writes_through_a_unique_temporary_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.export, "save", save)
     (tmp_path / "model.pt2.tmp").write_text("someone else's")  # the old fixed name: untouched
     out = export_model(dinodet.build_model(_config()).eval(), tmp_path / "model.pt2",
-                       "torch-export", example_size=(64, 64))
+                       "torch-export", example_size=(96, 96))
     assert out.read_bytes() == b"archive" and seen[0].name == "model.pt2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt2", "model.pt2.tmp"]
     assert (tmp_path / "model.pt2.tmp").read_text() == "someone else's"

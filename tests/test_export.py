@@ -134,6 +134,10 @@ def test_export_errors_name_the_problem(tmp_path, model_dir, capsys):
         export_model(model, tmp_path / "m.onnx", opset=16)
     with pytest.raises(ValueError, match="32x32"):
         export_model(model, tmp_path / "m.onnx", example_size=(32, 32))
+    # A 64 px example has a 1-pixel coarsest map, which tracing would fix: the file would
+    # fail at every other size (onnxruntime: a Concat size mismatch).
+    with pytest.raises(ValueError, match="stride 64"):
+        export_model(model, tmp_path / "m.onnx", example_size=(64, 96))
     with pytest.raises(FileNotFoundError, match=r"nothing\.onnx"):
         read_metadata(tmp_path / "nothing.onnx")
     foreign = tmp_path / "foreign.onnx"
@@ -171,3 +175,21 @@ def test_export_graph_matches_the_detector_on_one_image(model_dir):
     torch.testing.assert_close(found.scores, scores[0, keep], atol=1e-5, rtol=0)
     torch.testing.assert_close(found.boxes, boxes[0, keep], atol=1e-3, rtol=0)
     assert json.loads(json.dumps(found.to_dict()))["labels"] == labels[0, keep].tolist()
+
+
+def test_an_exported_file_slices_like_the_detector(onnx_file, model_dir):
+    # The slicing happens outside the graph: the ONNX file's tiles and merge give the
+    # detections that the PyTorch Detector's sliced path gives on the same model.
+    from dinodet.export import ExportedModel
+    from dinodet.predict import Detector
+    from dinodet.slicing import Slicing, exported_runner, sliced_detect
+
+    image = (_images(1, 250, 330, seed=4)[0] * 255).to(torch.uint8)
+    boxes, scores, labels = sliced_detect(exported_runner(ExportedModel(onnx_file), THRESHOLD),
+                                          image, 128, 0.25, batch_size=4)
+    det = Detector.from_pretrained(model_dir)
+    found = det(image, threshold=THRESHOLD, slice=Slicing(128, 0.25, batch_size=4))
+    assert len(scores) == len(found) > 0
+    torch.testing.assert_close(scores, found.scores, atol=1e-3, rtol=0)
+    assert torch.equal(labels, found.labels)
+    torch.testing.assert_close(boxes, found.boxes, atol=0.5, rtol=0)

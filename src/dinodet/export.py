@@ -79,6 +79,17 @@ class ExportGraph(nn.Module):
         return xyxy, scores, labels
 
 
+def _coarsest_stride(model: nn.Module) -> int:
+    """The stride of ``model``'s coarsest feature level: the backbone's last stride, halved
+    once per extra level (64 for every preset); 64 when the model does not say."""
+    cfg = getattr(model, "cfg", None)
+    strides = getattr(getattr(model, "backbone", None), "strides", None)
+    if cfg is None or not strides:
+        return 64
+    extra = int(getattr(cfg, "num_feature_levels", len(strides))) - len(strides)
+    return int(strides[-1]) * 2 ** max(extra, 0)
+
+
 def _metadata(classes: list[dict[str, Any]] | None, transform: EvalTransform,
               num_classes: int, variant: str | None,
               class_thresholds: Mapping[int, float] | None = None) -> dict[str, Any]:
@@ -140,6 +151,14 @@ def export_model(model: nn.Module, out: str | Path, fmt: str = "onnx", *,
     if min(height, width) < 64 or batch_size < 1:
         raise ValueError(f"example batch {batch_size} of {height}x{width} is too small "
                          "(at least 1 image of 64x64)")
+    coarsest = _coarsest_stride(model)
+    if dynamic and min(height, width) <= coarsest:
+        # Tracing fixes every size that is 1 in the example: a coarsest map of 1 pixel would
+        # make a file that fails (a Concat size mismatch) on any image of another size.
+        raise ValueError(f"example size {height}x{width} gives the coarsest feature map "
+                         f"(stride {coarsest}) a side of 1 pixel, which tracing would fix: "
+                         f"the file would run at that size only; use an example of more "
+                         f"than {coarsest} px a side (or static=True)")
     out = check_output_file(out, "export file")
     transform = transform or EvalTransform()
     cfg = getattr(model, "cfg", None)
