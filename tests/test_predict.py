@@ -10,10 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-import dinodet
 from dinodet.cli import main
-from dinodet.config import BackboneConfig, DINOConfig
 from dinodet.predict import Detections, Detector, ImageReadError
+from tiny_models import save_tiny_model
 
 CLASSES = [{"label": 0, "category_id": 1, "name": "cat"},
            {"label": 1, "category_id": 3, "name": "dog"},
@@ -23,15 +22,7 @@ H, W = 60, 90  # the test picture, landscape
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    cfg = DINOConfig(num_classes=3, backbone=BackboneConfig(name="resnet18",
-                     frozen_batchnorm=False, freeze_stem=False), hidden_dim=64, num_heads=4,
-                     enc_layers=1, dec_layers=2, dim_feedforward=128, num_queries=20,
-                     dn_number=10, num_select=20)
-    out = tmp_path_factory.mktemp("model")
-    dinodet.save_pretrained(dinodet.build_model(cfg).eval(), out,
-                            extra={"classes": CLASSES, "eval_size": 64})
-    return out
+    return save_tiny_model(tmp_path_factory.mktemp("model"), CLASSES)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 pytest.importorskip("fastapi")
@@ -27,11 +26,10 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("python_multipart")
 import uvicorn
 
-import dinodet
 from dinodet.cli import build_parser, main
-from dinodet.config import BackboneConfig, DINOConfig
 from dinodet.predict import Detector
 from dinodet.serve import create_app
+from tiny_models import save_tiny_model
 
 CLASSES = [{"label": 0, "category_id": 1, "name": "cat"},
            {"label": 1, "category_id": 3, "name": "dog"},
@@ -42,15 +40,7 @@ LIMIT_PIXELS = 500_000  # and --max-image-pixels
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    cfg = DINOConfig(num_classes=3, backbone=BackboneConfig(name="resnet18",
-                     frozen_batchnorm=False, freeze_stem=False), hidden_dim=64, num_heads=4,
-                     enc_layers=1, dec_layers=2, dim_feedforward=128, num_queries=20,
-                     dn_number=10, num_select=20)
-    out = tmp_path_factory.mktemp("model")
-    dinodet.save_pretrained(dinodet.build_model(cfg).eval(), out,
-                            extra={"classes": CLASSES, "eval_size": 64})
-    return out
+    return save_tiny_model(tmp_path_factory.mktemp("model"), CLASSES)
 
 
 @pytest.fixture(scope="module")

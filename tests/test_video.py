@@ -14,10 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-import dinodet
 from dinodet.cli import main
-from dinodet.config import BackboneConfig, DINOConfig
 from dinodet.predict import Detector
+from tiny_models import save_tiny_model
 
 av = pytest.importorskip("av")
 
@@ -44,15 +43,9 @@ def _one_thread(_threads):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    cfg = DINOConfig(num_classes=2, backbone=BackboneConfig(name="resnet18",
-                     frozen_batchnorm=False, freeze_stem=False), hidden_dim=32, num_heads=2,
-                     enc_layers=1, dec_layers=1, dim_feedforward=64, num_queries=10,
-                     dn_number=0, num_select=10)
-    out = tmp_path_factory.mktemp("model")
-    dinodet.save_pretrained(dinodet.build_model(cfg).eval(), out,
-                            extra={"classes": CLASSES, "eval_size": 64})
-    return out
+    return save_tiny_model(tmp_path_factory.mktemp("model"), CLASSES, hidden_dim=32,
+                           num_heads=2, dec_layers=1, dim_feedforward=64, num_queries=10,
+                           dn_number=0, num_select=10)
 
 
 @pytest.fixture(scope="module")
