@@ -243,10 +243,12 @@ def test_an_ap_drop_over_the_limit_exits_1(capsys):
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    (["--ann", "{ann}"], "--ann needs --images"),
+    (["--ann", "{ann}"], "a COCO annotation json needs --images"),
     (["--images", "{images}"], "--images needs --ann"),
     (["--max-images", "3"], "--max-images needs --ann"),
+    (["--split", "val"], "--split needs --ann"),
     (["--ann", "{root}/none.json", "--images", "{images}"], "none.json: no such file"),
+    (["--ann", "{root}/no_dataset"], "no_dataset: no such file or folder"),
     (["--format", "torch-export", "--int8"], "--int8 works with --format onnx only"),
 ])
 def test_option_mistakes_are_one_line_before_any_export(case, capsys, tmp_path, extra,
@@ -271,3 +273,26 @@ def test_library_refuses_int8_torch_export_and_static_size_mismatch(case, float_
     other.write_text(json.dumps(coco))
     with pytest.raises(ValueError, match=r"takes only 96x128 images .* resized to 96x152"):
         verify_coco(float_run["out"], _model(), other, tmp_path)
+
+
+def test_a_yolo_or_voc_dataset_and_its_split_go_to_the_one_dataset_reader(case, float_run,
+                                                                        monkeypatch):
+    # YOLO / VOC layouts are read by open_dataset (tested in tests/data/test_yolo_voc.py);
+    # verify_coco hands it the dataset and the split as given, with no image folder.
+    import dinodet.data.formats as formats
+    from dinodet.export import verify_coco
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def record(ann, images=None, **kwargs):
+        seen.update(ann=ann, images=images, split=kwargs.get("split"))
+        raise Stop
+
+    monkeypatch.setattr(formats, "open_dataset", record)
+    with pytest.raises(Stop):
+        verify_coco(float_run["out"], dinodet.load_pretrained(case["model"]),
+                    case["root"] / "data.yaml", split="val")
+    assert seen == {"ann": case["root"] / "data.yaml", "images": None, "split": "val"}

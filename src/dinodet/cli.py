@@ -481,19 +481,22 @@ def _export(args: argparse.Namespace) -> int:
     from dinodet.weights import check_output_file, load_model
 
     # every mistake in the options is said before the (slow) export
-    if (args.ann is None) != (args.images is None):
-        given, missing = ("--ann", "--images") if args.ann else ("--images", "--ann")
-        raise UserError(f"{given} needs {missing} too: a COCO annotation json and its image "
+    coco = args.ann is not None and args.ann.lower().endswith(".json")
+    if args.images is not None and args.ann is None:
+        raise UserError("--images needs --ann too: a COCO annotation json and its image "
                         "folder go together")
+    if coco and args.images is None:
+        raise UserError(f"--ann {args.ann}: a COCO annotation json needs --images, its image "
+                        "folder")
     if args.ann is None:
         for option, value in (("--max-images", args.max_images),
-                              ("--max-ap-drop", args.max_ap_drop)):
+                              ("--max-ap-drop", args.max_ap_drop),
+                              ("--split", args.split)):
             if value is not None:
-                raise UserError(f"{option} needs --ann and --images (the COCO dataset to "
-                                "verify on)")
-    elif not Path(args.ann).is_file():
-        raise UserError(f"--ann {args.ann}: no such file")
-    elif not Path(args.images).is_dir():
+                raise UserError(f"{option} needs --ann (the dataset to verify on)")
+    elif not Path(args.ann).exists():
+        raise UserError(f"--ann {args.ann}: no such file or folder")
+    elif coco and not Path(args.images).is_dir():
         raise UserError(f"--images {args.images}: no such folder")
     if args.int8 and args.format != "onnx":
         raise UserError(f"--int8 works with --format onnx only (onnxruntime's quantiser), "
@@ -551,7 +554,7 @@ def _export(args: argparse.Namespace) -> int:
     if args.ann:
         from dinodet.export import verify_coco
 
-        found = verify_coco(path, loaded.model, args.ann, args.images,
+        found = verify_coco(path, loaded.model, args.ann, args.images, split=args.split,
                             max_images=args.max_images, progress=sys.stderr.isatty())
         status = max(status, _report_coco(args, found))
     return status
@@ -873,11 +876,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true",
                    help="run the file (onnxruntime / torch.export.load) and compare it with "
                         "PyTorch on random images (exit 1 on a mismatch)")
-    p.add_argument("--ann", metavar="VAL.json",
-                   help="with --images: also compare the COCO box AP of the file and of "
-                        "PyTorch on this dataset (implies --verify); exit 1 when the file's "
-                        "AP is more than --max-ap-drop below PyTorch's")
-    p.add_argument("--images", metavar="DIR", help="the image folder of --ann")
+    p.add_argument("--ann", metavar="DATASET",
+                   help="also compare the COCO box AP of the file and of PyTorch on a "
+                        "dataset: a COCO json (with --images), or a YOLO data.yaml / folder "
+                        "or a Pascal VOC folder (with --split where it has splits); implies "
+                        "--verify; exit 1 when the file's AP is more than --max-ap-drop below "
+                        "PyTorch's")
+    p.add_argument("--images", metavar="DIR", help="the image folder of a COCO --ann")
+    p.add_argument("--split", default=None,
+                   help="with a YOLO / VOC --ann that has splits: the one to verify on "
+                        "(e.g. val)")
     p.add_argument("--max-images", type=_int_in(1), default=None, metavar="N",
                    help="with --ann: the first N images (by id) only (default: all)")
     p.add_argument("--max-ap-drop", type=_fraction, default=None, metavar="D",

@@ -494,10 +494,13 @@ def _label_table(classes: list[dict[str, Any]] | None, num_classes: int, dataset
 
 
 def verify_coco(path: str | Path | ExportedModel, model: nn.Module, ann: str | Path,
-                images: str | Path, *, max_images: int | None = None,
-                keep_category_ids: bool = False, progress: bool = False) -> dict[str, Any]:
+                images: str | Path | None = None, *, max_images: int | None = None,
+                keep_category_ids: bool = False, progress: bool = False,
+                split: str | None = None) -> dict[str, Any]:
     """COCO box metrics of an exported file and of the PyTorch ``model`` it was exported
-    from, on the same images of a COCO-format dataset.
+    from, on the same images of a dataset: a COCO json ``ann`` with its ``images`` folder,
+    or a YOLO / Pascal VOC dataset (``ann``; ``split`` for a layout with splits), read as
+    :func:`~dinodet.data.formats.open_dataset` reads it.
 
     Every image of ``ann`` (the first ``max_images`` by image id; all by default) is
     resized by the file's :class:`~dinodet.data.EvalTransform` (its metadata) to RGB
@@ -539,7 +542,7 @@ def verify_coco(path: str | Path | ExportedModel, model: nn.Module, ann: str | P
                         f"{meta['num_classes']} classes, not of {num_classes}")
     transform = EvalTransform.from_metadata(meta)
     classes = meta.get("classes")
-    dataset = open_dataset(ann, images, transforms=_ResizeOnly(transform),
+    dataset = open_dataset(ann, images, split=split, transforms=_ResizeOnly(transform),
                            keep_category_ids=keep_category_ids or classes is None)
     label_to_id, names = _label_table(classes, num_classes, dataset, ann)
     evaluators = {side: CocoEvaluator(dataset.coco, label_to_id, names)
