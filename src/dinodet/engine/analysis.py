@@ -732,7 +732,21 @@ def write_eval_report(out_dir: str | Path, result: EvalResult, **options: Any) -
     if result.ground_truth is None or result.detections is None or result.curves is None:
         raise ValueError("the EvalResult lacks its ground truth, detections or curves: "
                          "give write_report the ground truth and results instead")
-    classes = [ReportClass(int(e["label"]), int(e["category_id"]), str(e["name"]))
-               for e in result.per_class]
-    return write_report(out_dir, result.ground_truth, result.detections, classes=classes,
-                        curves=result.curves, **options)
+    return write_report(out_dir, result.ground_truth, result.detections,
+                        classes=result_classes(result), curves=result.curves, **options)
+
+
+def result_classes(result: EvalResult) -> list[ReportClass]:
+    """The classes of ``result``'s per-class table, as the report takes them."""
+    return [ReportClass(int(e["label"]), int(e["category_id"]), str(e["name"]))
+            for e in result.per_class]
+
+
+def result_thresholds(result: EvalResult) -> dict[int, float] | None:
+    """Each class's F1-optimal score threshold (:func:`f1_thresholds`) on an evaluation
+    ``result`` that kept its detections and ground truth; None without them (or with no
+    class)."""
+    if result.detections is None or result.ground_truth is None:
+        return None
+    found = f1_thresholds(result.ground_truth, result.detections, result_classes(result))
+    return {label: t.threshold for label, t in found.items()} or None

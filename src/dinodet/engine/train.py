@@ -29,7 +29,7 @@ from dinodet.data.collate import build_loader
 from dinodet.data.formats import common_format, open_dataset
 from dinodet.data.transforms import build_transforms
 from dinodet.engine import distributed as dist
-from dinodet.engine.analysis import ReportClass, f1_thresholds, write_eval_report
+from dinodet.engine.analysis import result_thresholds, write_eval_report
 from dinodet.engine.checkpoint import (
     CheckpointManager,
     atomic_write,
@@ -428,7 +428,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo, out_dir: Path, resume: str | Non
                                       info)
                 metric = last_eval.metrics["AP"]
                 if info.is_main:
-                    thresholds = _f1_thresholds(last_eval)
+                    thresholds = result_thresholds(last_eval)
                 if info.distributed:  # rank 0's AP decides for all: the same stop everywhere
                     metric = dist.all_gather_object(metric)[0]
                 early.update(metric, run.epoch + 1)
@@ -608,17 +608,6 @@ def _evaluate(cfg: TrainConfig, model: DINO, val_set: CocoDetection,
 REPORT_DIR = "report"
 """The run directory's folder for the last evaluation's report (``dinodet eval --report``'s
 files: PR curves, confusion matrix, thresholds), written at the end of training."""
-
-
-def _f1_thresholds(result: EvalResult) -> dict[int, float] | None:
-    """Each class's F1-optimal score threshold on the evaluation ``result`` (None without
-    its detections or ground truth)."""
-    if result.detections is None or result.ground_truth is None:
-        return None
-    classes = [ReportClass(int(e["label"]), int(e["category_id"]), str(e["name"]))
-               for e in result.per_class]
-    found = f1_thresholds(result.ground_truth, result.detections, classes)
-    return {label: t.threshold for label, t in found.items()} or None
 
 
 def _print_summary(summary: dict[str, Any], skipped: list[str]) -> None:
