@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from dinodet.errors import UserError
@@ -126,21 +127,6 @@ def _check_fraction(value: float, what: str, low_open: bool = False) -> float:
 
 # ------------------------------------------------------------------------ matching
 
-def _iou(dets: np.ndarray, gts: np.ndarray, crowd: np.ndarray) -> np.ndarray:
-    """[D, G] IoU of xywh boxes; against a crowd box, intersection over the detection's
-    area (COCO's rule). 0 where the denominator is 0."""
-    dx1, dy1 = dets[:, 0:1], dets[:, 1:2]
-    dx2, dy2 = dx1 + dets[:, 2:3], dy1 + dets[:, 3:4]
-    gx1, gy1 = gts[None, :, 0], gts[None, :, 1]
-    gx2, gy2 = gx1 + gts[None, :, 2], gy1 + gts[None, :, 3]
-    inter = (np.clip(np.minimum(dx2, gx2) - np.maximum(dx1, gx1), 0, None)
-             * np.clip(np.minimum(dy2, gy2) - np.maximum(dy1, gy1), 0, None))
-    det_area = dets[:, 2:3] * dets[:, 3:4]
-    union = np.where(crowd[None, :], det_area, det_area + gts[None, :, 2] * gts[None, :, 3]
-                     - inter)
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-
-
 # What _match gives a detection that matched no ground truth, or only a crowd region.
 _UNMATCHED, _ON_CROWD = -1, -2
 
@@ -153,7 +139,11 @@ def _match(det_boxes: np.ndarray, det_classes: np.ndarray, gt_boxes: np.ndarray,
     out = np.full(len(det_boxes), _UNMATCHED, dtype=np.int64)
     if not len(det_boxes) or not len(gt_boxes):
         return out
-    ious = _iou(det_boxes, gt_boxes, gt_crowd)
+    # COCO's own IoU of xywh boxes: against a crowd box, intersection over the
+    # detection's area; 0 where the denominator is 0.
+    ious = np.asarray(mask_utils.iou(det_boxes.astype(np.float64),
+                                     gt_boxes.astype(np.float64),
+                                     gt_crowd.astype(np.uint8)), dtype=np.float64)
     if same_class:
         ious[det_classes[:, None] != gt_classes[None, :]] = -1.0
     regular = ~gt_crowd
