@@ -37,10 +37,15 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from dinodet.data.images import _own_size_check, load_image, resolve_max_pixels
+from dinodet.data.images import (
+    ImageFormatError,
+    ImageReadError,
+    ImageTooLargeError,
+    decode_image,
+    resolve_max_pixels,
+)
 from dinodet.predict import (
     Detections,
     Detector,
@@ -363,26 +368,19 @@ def _decode(data: bytes, name: str, max_pixels: int, detector: Detector
     are no image or a broken one are a 400."""
     if not data:
         raise HTTPError(400, f"{name} is empty: no image bytes")
-    with _own_size_check():  # the limit below replaces PIL's global one, as for files
-        try:
-            im = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)  # the header only
-        except UnidentifiedImageError:
-            raise HTTPError(400, f"{name} is not an image: {len(data)} bytes in none of the "
-                                 f"formats {', '.join(UPLOAD_FORMATS)}") from None
-        except Exception as e:  # decoders raise many types (OSError, SyntaxError, ...)
-            raise HTTPError(400, f"cannot read the image in {name}: {e}") from None
-        with im:
-            width, height = im.size
-            if max_pixels > 0 and width * height > max_pixels:
-                raise HTTPError(413, f"the image in {name} is {width}x{height} = "
-                                     f"{width * height / 1e6:.1f} megapixels, over the limit "
-                                     f"of {max_pixels / 1e6:.1f} megapixels ({max_pixels} "
-                                     "pixels; the server's --max-image-pixels)")
-            try:
-                im.load()
-                image = load_image(im)
-            except Exception as e:
-                raise HTTPError(400, f"cannot read the image in {name}: {e}") from None
+    try:
+        image = decode_image(io.BytesIO(data), name, max_pixels, formats=UPLOAD_FORMATS)
+    except ImageFormatError:
+        raise HTTPError(400, f"{name} is not an image: {len(data)} bytes in none of the "
+                             f"formats {', '.join(UPLOAD_FORMATS)}") from None
+    except ImageTooLargeError as e:
+        (width, height), limit = e.size, e.limit
+        raise HTTPError(413, f"the image in {name} is {width}x{height} = "
+                             f"{width * height / 1e6:.1f} megapixels, over the limit of "
+                             f"{limit / 1e6:.1f} megapixels ({limit} pixels; the server's "
+                             "--max-image-pixels)") from None
+    except ImageReadError as e:
+        raise HTTPError(400, f"cannot read the image in {name}: {e.__cause__}") from None
     size = (int(image.shape[1]), int(image.shape[2]))
     return detector.transform(image), size
 

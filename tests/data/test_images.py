@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import socket
@@ -24,8 +25,10 @@ from dinodet.data import CocoDetection, SkippedImage, TransformConfig, build_tra
 from dinodet.data.images import (
     DEFAULT_MAX_IMAGE_PIXELS,
     MAX_PIXELS_ENV,
+    ImageFormatError,
     ImageReadError,
     ImageTooLargeError,
+    decode_image,
     load_image,
     resolve_max_pixels,
 )
@@ -216,6 +219,26 @@ def test_limit_refuses_and_raised_limit_opens(tmp_path):
         image = load_image(path, max_pixels=limit)
         assert image.shape == (3, 2000, 2000) and image.dtype == torch.uint8
         assert int(image.max()) == 0
+
+
+def test_decode_image_reads_a_stream_as_load_image_reads_the_file(tmp_path):
+    """The one decoder behind files and uploads: same pixels, the size and limit on the
+    error, formats limited on request, the broken image's cause kept."""
+    path = tmp_path / "photo.png"
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    data = path.read_bytes()
+    assert torch.equal(decode_image(io.BytesIO(data), "the upload", 0), load_image(path))
+    with pytest.raises(ImageTooLargeError, match="image the upload is 30x40") as info:
+        decode_image(io.BytesIO(data), "the upload", 1199)
+    assert (info.value.size, info.value.limit) == ((30, 40), 1199)
+    with pytest.raises(ImageFormatError, match="cannot identify image file 'the upload'"):
+        decode_image(io.BytesIO(data), "the upload", 0, formats=("JPEG",))
+    with pytest.raises(ImageFormatError, match="'the upload'"):
+        decode_image(io.BytesIO(b"no image"), "the upload", 0)
+    with pytest.raises(ImageReadError, match="cannot read image the upload") as broken:
+        decode_image(io.BytesIO(data[: len(data) // 2]), "the upload", 0)
+    assert not isinstance(broken.value, ImageFormatError) and broken.value.__cause__ is not None
 
 
 def test_limit_from_the_environment(tmp_path, monkeypatch):

@@ -34,21 +34,24 @@ from dinodet.data.formats import (
 )
 from dinodet.data.images import (
     DEFAULT_MAX_IMAGE_PIXELS,
+    ImageFormatError,
     ImageReadError,
     ImageTooLargeError,
+    decode_image,
     load_image,
     resolve_max_pixels,
 )
 from dinodet.data.source import DatasetSource
 from dinodet.data.synthetic import make_synthetic_coco
+from dinodet.data.synthetic_hard import make_hard_coco
 from dinodet.data.transforms import EvalTransform, TransformConfig, build_transforms
 from dinodet.data.voc import read_voc
 from dinodet.data.yolo import read_yolo
 
-__all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "FORMATS", "MAX_CATEGORY_ID", "AnnotationWarning",
-           "Batch", "CocoDetection", "DatasetSource", "EpochSampler", "EvalTransform",
+__all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "FORMATS", "MAX_CATEGORY_ID", "AnnotationWarning", "Batch",
+           "CocoDetection", "DatasetSource", "EpochSampler", "EvalTransform", "ImageFormatError",
            "ImageReadError", "ImageTooLargeError", "SkippedImage", "SkippedImageWarning",
-           "TransformConfig", "build_loader", "build_transforms", "collate_fn",
-           "convert_dataset", "dataset_splits", "detect_format", "load_image",
+           "TransformConfig", "build_loader", "build_transforms", "collate_fn", "convert_dataset",
+           "dataset_splits", "decode_image", "detect_format", "load_image", "make_hard_coco",
            "make_synthetic_coco", "open_dataset", "read_source", "read_voc", "read_yolo",
            "resolve_max_pixels", "seed_worker"]

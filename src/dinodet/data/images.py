@@ -18,7 +18,7 @@ import operator
 import os
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -29,8 +29,9 @@ from torch import Tensor
 
 from dinodet.errors import UserError
 
-__all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "IMAGE_EXTENSIONS", "MAX_PIXELS_ENV", "ImageInput",
-           "ImageReadError", "ImageTooLargeError", "load_image", "resolve_max_pixels"]
+__all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "IMAGE_EXTENSIONS", "MAX_PIXELS_ENV", "ImageFormatError",
+           "ImageInput", "ImageReadError", "ImageTooLargeError", "decode_image", "load_image",
+           "resolve_max_pixels"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -49,8 +50,18 @@ class ImageReadError(UserError):
     """An image file that is missing, not a regular file, too large or cannot be decoded."""
 
 
+class ImageFormatError(ImageReadError):
+    """Bytes in none of the image formats that could be read (PIL identifies none)."""
+
+
 class ImageTooLargeError(ImageReadError):
-    """An image file whose declared size is over the pixel limit (nothing was decoded)."""
+    """An image whose declared size is over the pixel limit (nothing was decoded):
+    ``size`` is its (width, height), ``limit`` the limit in pixels."""
+
+    def __init__(self, message: str, size: tuple[int, int], limit: int) -> None:
+        super().__init__(message)
+        self.size = size
+        self.limit = limit
 
 
 def resolve_max_pixels(max_pixels: int | None = None) -> int:
@@ -154,32 +165,45 @@ def _own_size_check() -> Iterator[None]:
                 Image.MAX_IMAGE_PIXELS = _pil_saved
 
 
-def _check_size(path: Path, size: tuple[int, int], limit: int) -> None:
-    width, height = size
-    pixels = width * height
-    if limit > 0 and pixels > limit:
-        raise ImageTooLargeError(
-            f"image {path} is {width}x{height} = {pixels / 1e6:.1f} megapixels, over the "
-            f"limit of {limit / 1e6:.1f} megapixels ({limit} pixels); {_HOW_TO_RAISE}")
+def decode_image(stream: IO[bytes], name: str | Path, limit: int,
+                 formats: Sequence[str] | None = None) -> Tensor:
+    """An open binary stream's image -> RGB uint8 [3, H, W], upright, the way
+    :func:`load_image` decodes a file (it calls this): the header's width x height is checked
+    against ``limit`` (> 0; 0 or less: none) before any pixel is decoded, with PIL's global
+    check off meanwhile. ``name`` (a path, "the upload") names the image in the errors;
+    ``formats`` limits the formats tried (PIL's names, e.g. ``("JPEG", "PNG")``).
 
-
-def _read_file(path: Path, limit: int) -> Tensor:
-    with _open_regular(path) as f, _own_size_check():
+    Raises :class:`ImageFormatError` for bytes in none of the formats,
+    :class:`ImageTooLargeError` over the limit and :class:`ImageReadError` for a broken
+    image; each keeps PIL's exception as its ``__cause__``.
+    """
+    with _own_size_check():
         try:
-            im = Image.open(f)  # reads the header only
-        except UnidentifiedImageError as e:  # PIL's message names the file object: the path
-            named = UnidentifiedImageError(f"cannot identify image file {str(path)!r}")
+            im = Image.open(stream, formats=None if formats is None else tuple(formats))
+        except UnidentifiedImageError as e:  # PIL's message names the stream object
+            named = UnidentifiedImageError(f"cannot identify image file {str(name)!r}")
             named.__cause__ = e
-            raise ImageReadError(f"cannot read image {path}: {named}") from named
+            raise ImageFormatError(f"cannot read image {name}: {named}") from named
         except Exception as e:  # decoders raise many types (OSError, SyntaxError, ...)
-            raise ImageReadError(f"cannot read image {path}: {e}") from e
+            raise ImageReadError(f"cannot read image {name}: {e}") from e
         with im:
-            _check_size(path, im.size, limit)
+            width, height = im.size
+            pixels = width * height
+            if limit > 0 and pixels > limit:
+                raise ImageTooLargeError(
+                    f"image {name} is {width}x{height} = {pixels / 1e6:.1f} megapixels, over "
+                    f"the limit of {limit / 1e6:.1f} megapixels ({limit} pixels); "
+                    f"{_HOW_TO_RAISE}", (width, height), limit)
             try:
                 im.load()
                 return _from_pil(im)
             except Exception as e:
-                raise ImageReadError(f"cannot read image {path}: {e}") from e
+                raise ImageReadError(f"cannot read image {name}: {e}") from e
+
+
+def _read_file(path: Path, limit: int) -> Tensor:
+    with _open_regular(path) as f:
+        return decode_image(f, path, limit)
 
 
 def _from_pil(im: Image.Image) -> Tensor:
