@@ -168,7 +168,7 @@ def test_a_torch_export_program_is_verified_the_same_way(case, tmp_path):
 def test_int8_file_says_int8_runs_and_agrees_with_float32(case, float_run, tmp_path):
     out = quantize_int8(float_run["out"], tmp_path / "int8.onnx")
     meta = read_metadata(out)
-    assert meta["precision"] == "int8" and meta["int8"]["weight_type"] == "QInt8"
+    assert meta["precision"] == "int8" and meta["int8"]["weight_type"] == "QUInt8"
     assert meta["classes"] == CLASSES and meta["eval_size"] == 96
     ops = {n.op_type for n in onnx.load(str(out)).graph.node}
     assert "MatMulInteger" in ops and meta["int8"]["quantized_nodes"] > 10

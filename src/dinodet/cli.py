@@ -477,7 +477,13 @@ def _export(args: argparse.Namespace) -> int:
     import torch
 
     from dinodet.errors import UserError
-    from dinodet.export import compare_detections, export_model, read_metadata, run_exported
+    from dinodet.export import (
+        INT8_WEIGHT_TYPE,
+        compare_detections,
+        export_model,
+        read_metadata,
+        run_exported,
+    )
     from dinodet.weights import check_output_file, load_model
 
     # every mistake in the options is said before the (slow) export
@@ -534,7 +540,8 @@ def _export(args: argparse.Namespace) -> int:
         check = ("compared below" if args.ann else
                  "check them with --verify --ann VAL.json --images DIR")
         print(f"int8: the weights of {quantised} MatMul/Gemm nodes quantised by onnxruntime "
-              f"(QInt8, dynamic); its detections are approximate: {check}", flush=True)
+              f"({INT8_WEIGHT_TYPE}, dynamic); its detections are approximate: {check}",
+              flush=True)
     status = 0
     if args.verify or args.ann:
         from dinodet.export import ExportGraph

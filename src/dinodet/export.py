@@ -36,8 +36,9 @@ from torch import Tensor, nn
 from dinodet.data.transforms import EvalTransform
 from dinodet.model.postprocess import select_top
 
-__all__ = ["EXPORT_FORMATS", "ExportGraph", "ExportedModel", "compare_detections",
-           "export_model", "quantize_int8", "read_metadata", "run_exported", "verify_coco"]
+__all__ = ["EXPORT_FORMATS", "INT8_WEIGHT_TYPE", "ExportGraph", "ExportedModel",
+           "compare_detections", "export_model", "quantize_int8", "read_metadata",
+           "run_exported", "verify_coco"]
 
 EXPORT_FORMATS = ("onnx", "torch-export")
 METADATA_KEY = "dinodet"
@@ -47,6 +48,11 @@ OUTPUT_NAMES = ["boxes", "scores", "labels"]
 #: What int8 quantisation changes: the weights of these ONNX operators (onnxruntime's dynamic
 #: quantiser; activations are quantised at run time, the rest stays float32).
 INT8_OPS = ("MatMul", "Gemm")
+#: The int8 weights' type: unsigned (QUInt8, onnxruntime's U8U8 kernels). The signed QInt8
+#: (U8S8) runs on AVX2 / AVX-512 CPUs without VNNI through VPMADDUBSW, whose 16-bit pair
+#: sums saturate (onnxruntime's quantisation docs): there it moved a small test model's top
+#: logits by 0.31 where U8U8 moves them by under 0.25, as U8S8 does on a VNNI CPU.
+INT8_WEIGHT_TYPE = "QUInt8"
 
 
 class ExportGraph(nn.Module):
@@ -266,8 +272,9 @@ class _DropLog(logging.Filter):
 
 def _quantize(source: Path, out: Path, meta: dict[str, Any], per_channel: bool = False
               ) -> None:
-    """onnxruntime's dynamic quantisation of ``source``'s :data:`INT8_OPS` weights (QInt8,
-    symmetric; activations quantised at run time) into ``out``, with ``meta`` marked int8."""
+    """onnxruntime's dynamic quantisation of ``source``'s :data:`INT8_OPS` weights
+    (:data:`INT8_WEIGHT_TYPE`; activations quantised at run time) into ``out``, with
+    ``meta`` marked int8."""
     import onnx
     from onnx.external_data_helper import uses_external_data
 
@@ -280,7 +287,8 @@ def _quantize(source: Path, out: Path, meta: dict[str, Any], per_channel: bool =
     logging.getLogger().addFilter(quiet)
     try:
         q.quantize_dynamic(source, out, op_types_to_quantize=list(INT8_OPS),
-                           per_channel=per_channel, weight_type=q.QuantType.QInt8,
+                           per_channel=per_channel,
+                           weight_type=getattr(q.QuantType, INT8_WEIGHT_TYPE),
                            use_external_data_format=big)
     finally:
         logging.getLogger().removeFilter(quiet)
@@ -289,7 +297,7 @@ def _quantize(source: Path, out: Path, meta: dict[str, Any], per_channel: bool =
                     for n in model.graph.node)
     meta = {**meta, "precision": "int8",
             "int8": {"method": "onnxruntime.quantization.quantize_dynamic",
-                     "ops": list(INT8_OPS), "weight_type": "QInt8",
+                     "ops": list(INT8_OPS), "weight_type": INT8_WEIGHT_TYPE,
                      "per_channel": per_channel, "quantized_nodes": quantised}}
     kept = [(p.key, p.value) for p in model.metadata_props if p.key != METADATA_KEY]
     del model.metadata_props[:]  # ours, copied by the quantiser, is replaced
@@ -303,11 +311,11 @@ def quantize_int8(source: str | Path, out: str | Path, *, per_channel: bool = Fa
 
     onnxruntime's dynamic quantiser (``quantize_dynamic``): the weights of every
     :data:`INT8_OPS` node with a constant weight (the transformer's and heads' linear
-    layers) become symmetric int8 (QInt8, one scale per tensor, or per output channel with
-    ``per_channel``); their inputs are quantised at run time; convolutions, the deformable
-    sampling and the rest stay float32. The metadata says ``"precision": "int8"``. The
-    detections are approximate: measure them with :func:`verify_coco`. ``out`` is written
-    atomically and may be ``source`` itself."""
+    layers) become 8-bit (:data:`INT8_WEIGHT_TYPE`, one scale per tensor, or per output
+    channel with ``per_channel``); their inputs are quantised at run time; convolutions,
+    the deformable sampling and the rest stay float32. The metadata says
+    ``"precision": "int8"``. The detections are approximate: measure them with
+    :func:`verify_coco`. ``out`` is written atomically and may be ``source`` itself."""
     from dinodet.errors import UserError
     from dinodet.weights import check_output_file
 
@@ -468,31 +476,6 @@ class _ResizeOnly:
                 {**target, "boxes": F.resize(target["boxes"], size)})
 
 
-def _label_table(classes: list[dict[str, Any]] | None, num_classes: int, dataset: Any,
-                 ann: str | Path) -> tuple[list[int], list[str]]:
-    """class index -> (category id, name), from the model's class table when it has one (as
-    :func:`~dinodet.engine.evaluate.evaluate_checkpoint` reads it), else the dataset's."""
-    from dinodet.errors import UserError
-
-    label_to_id, names = list(dataset.label_to_category_id), list(dataset.class_names)
-    if classes is not None:
-        # by label; a label without an entry gets category -1, which no ground truth has
-        by_label = {int(c["label"]): c for c in classes}
-        size = max(num_classes, max(by_label, default=-1) + 1)
-        label_to_id = [int(by_label[i]["category_id"]) if i in by_label else -1
-                       for i in range(size)]
-        names = [str(by_label[i].get("name", i)) if i in by_label else str(i)
-                 for i in range(size)]
-        unknown = sorted(set(dataset.label_to_category_id) - set(label_to_id))
-        if unknown:
-            raise UserError(f"{ann} has categories {unknown[:10]} the model was not "
-                            "trained on")
-    if num_classes < len(label_to_id):
-        raise UserError(f"the model predicts {num_classes} classes but {ann} needs "
-                        f"{len(label_to_id)}")
-    return label_to_id, names
-
-
 def verify_coco(path: str | Path | ExportedModel, model: nn.Module, ann: str | Path,
                 images: str | Path | None = None, *, max_images: int | None = None,
                 keep_category_ids: bool = False, progress: bool = False,
@@ -527,7 +510,7 @@ def verify_coco(path: str | Path | ExportedModel, model: nn.Module, ann: str | P
 
     from dinodet.data.coco import SkippedImage
     from dinodet.data.formats import open_dataset
-    from dinodet.engine.evaluate import CocoEvaluator
+    from dinodet.engine.evaluate import CocoEvaluator, label_table
     from dinodet.errors import UserError
     from dinodet.model.postprocess import postprocess
 
@@ -544,7 +527,7 @@ def verify_coco(path: str | Path | ExportedModel, model: nn.Module, ann: str | P
     classes = meta.get("classes")
     dataset = open_dataset(ann, images, split=split, transforms=_ResizeOnly(transform),
                            keep_category_ids=keep_category_ids or classes is None)
-    label_to_id, names = _label_table(classes, num_classes, dataset, ann)
+    label_to_id, names = label_table(classes, num_classes, dataset, ann)
     evaluators = {side: CocoEvaluator(dataset.coco, label_to_id, names)
                   for side in ("pytorch", "exported", "pytorch_unclipped")}
     seconds = {"pytorch": 0.0, "exported": 0.0}

@@ -391,3 +391,22 @@ def test_eval_result_keeps_the_detections_out_of_comparisons():
     a = EvalResult(metrics, detections=[{"image_id": 1}])
     assert a == EvalResult(dict(metrics)) and "detections" not in repr(a)
     assert a.detections == [{"image_id": 1}]
+
+
+def test_label_table_from_the_model_or_the_data():
+    """The class table of eval and export --verify: the model's own (by label, gaps get -1),
+    else the dataset's; data the model was not trained on is named."""
+    from types import SimpleNamespace
+
+    from dinodet.engine.evaluate import label_table
+    from dinodet.errors import UserError
+
+    data = SimpleNamespace(label_to_category_id=[3, 7], class_names=["cat", "dog"])
+    assert label_table(None, 2, data, "val.json") == ([3, 7], ["cat", "dog"])
+    classes = [{"label": 2, "category_id": 3, "name": "cat"},
+               {"label": 0, "category_id": 7, "name": "dog"}]
+    assert label_table(classes, 3, data, "val.json") == ([7, -1, 3], ["dog", "1", "cat"])
+    with pytest.raises(UserError, match=r"val\.json has categories \[7\] the model was not"):
+        label_table(classes[:1], 3, data, "val.json")
+    with pytest.raises(UserError, match=r"predicts 1 classes but val\.json needs 2"):
+        label_table(None, 1, data, "val.json")

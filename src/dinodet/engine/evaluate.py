@@ -33,7 +33,7 @@ from dinodet.errors import UserError
 from dinodet.model.postprocess import postprocess
 
 __all__ = ["METRIC_NAMES", "CocoEvaluator", "EvalResult", "PrecisionCurves", "evaluate",
-           "evaluate_checkpoint", "evaluate_results", "write_results"]
+           "evaluate_checkpoint", "evaluate_results", "label_table", "write_results"]
 
 # The names of COCOeval.stats[0..11], in order.
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
@@ -325,6 +325,36 @@ def evaluate(model: nn.Module, loader: Iterable[Any], device: torch.device | str
     return evaluator.summarize(verbose=verbose), evaluator.results()
 
 
+def label_table(classes: Sequence[Mapping[str, Any]] | None, num_classes: int, dataset: Any,
+                source: str | Path) -> tuple[list[int], list[str]]:
+    """Class index -> (dataset category id, name) for scoring a model on ``dataset`` (a
+    :class:`~dinodet.data.coco.CocoDetection`; ``source`` names it in errors).
+
+    From the model's class table (``classes``: ``{"label", "category_id", "name"}`` entries,
+    in any order, not necessarily complete) when it has one: a label without an entry gets
+    category -1, which no ground truth has. Without one, the dataset's own order. A
+    :class:`~dinodet.errors.UserError` names categories of the data the model was not
+    trained on, or a model with fewer classes than the data needs.
+    """
+    label_to_id = [int(c) for c in dataset.label_to_category_id]
+    names = [str(n) for n in dataset.class_names]
+    if classes is not None:
+        by_label = {int(c["label"]): c for c in classes}
+        size = max(num_classes, max(by_label, default=-1) + 1)
+        label_to_id = [int(by_label[i]["category_id"]) if i in by_label else -1
+                       for i in range(size)]
+        names = [str(by_label[i].get("name", i)) if i in by_label else str(i)
+                 for i in range(size)]
+        unknown = sorted(set(dataset.label_to_category_id) - set(label_to_id))
+        if unknown:
+            raise UserError(f"{source} has categories {unknown[:10]} the model was not "
+                            "trained on")
+    if num_classes < len(label_to_id):
+        raise UserError(f"the model predicts {num_classes} classes but {source} needs "
+                        f"{len(label_to_id)}")
+    return label_to_id, names
+
+
 def evaluate_checkpoint(checkpoint: str | Path, ann: str | Path,
                         images: str | Path | None = None,
                         out: str | Path | None = None, variant: str | None = None,
@@ -374,23 +404,7 @@ def evaluate_checkpoint(checkpoint: str | Path, ann: str | Path,
     transform = loaded.transform.with_sizes(eval_size, max_size)
     dataset = open_dataset(ann, images, format=data_format, split=split,
                            transforms=transform, keep_category_ids=keep_ids)
-    label_to_id, names = dataset.label_to_category_id, dataset.class_names
-    if loaded.classes is not None:
-        # By label (the table need not be in order or complete); a label without an entry
-        # gets category -1, which no ground truth has.
-        by_label = {c["label"]: c for c in loaded.classes}
-        size = max(loaded.model.num_classes, max(by_label, default=-1) + 1)
-        label_to_id = [by_label[i]["category_id"] if i in by_label else -1
-                       for i in range(size)]
-        names = [str(by_label[i].get("name", i)) if i in by_label else str(i)
-                 for i in range(size)]
-        unknown = sorted(set(dataset.label_to_category_id) - set(label_to_id))
-        if unknown:
-            raise ValueError(f"{ann} has categories {unknown[:10]} the checkpoint was not "
-                             "trained on")
-    if loaded.model.num_classes < len(label_to_id):
-        raise ValueError(f"the model predicts {loaded.model.num_classes} classes but "
-                         f"{ann} needs {len(label_to_id)}")
+    label_to_id, names = label_table(loaded.classes, loaded.model.num_classes, dataset, ann)
     model = loaded.model.to(dev)
     if int8:
         from dinodet.model.quantize import quantize_int8
