@@ -14,7 +14,7 @@ from dinodet.engine.evaluate import METRIC_NAMES, EvalResult
 from dinodet.engine.train import EarlyStopping, train
 from dinodet.errors import DataError
 
-from .test_train import TINY_MODEL, _sizes
+from .test_train import tiny_config
 
 # The AP of each evaluation (epoch 1, 2, ...): gains at epochs 1 and 2, none at 3 and 4.
 APS = [0.10, 0.30, 0.20, 0.25, 0.50, 0.60]  # one per epoch of _config
@@ -29,13 +29,9 @@ def tiny_data(tmp_path_factory):
 
 
 def _config(data, out_dir, *sets, epochs=6):
-    # 2 images in batches of 1: two optimiser steps per epoch.
-    return load_train_config(
-        "cpu-small", None, [*_sizes(64), *TINY_MODEL, "model.dec_layers=1", "log_every=1",
-                            "early_stop_patience=2", *sets],
-        epochs=epochs, batch_size=1, out_dir=str(out_dir),
-        train_ann=str(data["train_ann"]), train_images=str(data["train_images"]),
-        val_ann=str(data["val_ann"]), val_images=str(data["val_images"]))
+    # 2 images in batches of 1: two optimiser steps per epoch, each logged.
+    return tiny_config(data, out_dir, "model.dec_layers=1", "early_stop_patience=2", *sets,
+                       epochs=epochs, size=64, batch_size=1)
 
 
 @pytest.fixture

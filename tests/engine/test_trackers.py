@@ -17,7 +17,7 @@ from dinodet.engine.trackers import Tracker, TrackerUnavailableError, flatten_co
 from dinodet.engine.train import RunLog, train
 from dinodet.errors import UserError
 
-from .test_train import TINY_MODEL, _sizes
+from .test_train import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +29,8 @@ def tiny_data(tmp_path_factory):
 
 def _config(data, out_dir, *sets, epochs=1):
     # 2 images in batches of 1: two optimiser steps per epoch, each logged.
-    return load_train_config(
-        "cpu-small", None, [*_sizes(64), *TINY_MODEL, "model.dec_layers=1", "log_every=1",
-                            *sets],
-        epochs=epochs, batch_size=1, out_dir=str(out_dir),
-        train_ann=str(data["train_ann"]), train_images=str(data["train_images"]),
-        val_ann=str(data["val_ann"]), val_images=str(data["val_images"]))
+    return tiny_config(data, out_dir, "model.dec_layers=1", *sets, epochs=epochs, size=64,
+                       batch_size=1)
 
 
 def _logged(out_dir: Path) -> dict[tuple[str, int], float]:

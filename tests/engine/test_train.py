@@ -39,10 +39,11 @@ def tiny_data(tmp_path_factory):
                                max_objects=3, seed=3)
 
 
-def tiny_config(data, out_dir, *sets, epochs=2, val=True, **kw):
+def tiny_config(data, out_dir, *sets, epochs=2, val=True, size=96, batch_size=2, **kw):
+    """The tiny model on ``data`` at ``size`` px, every step logged; ``sets`` on top."""
     return load_train_config(
-        "cpu-small", None, [*_sizes(96), *TINY_MODEL, "log_every=1", *sets], epochs=epochs,
-        batch_size=2, out_dir=str(out_dir), train_ann=str(data["train_ann"]),
+        "cpu-small", None, [*_sizes(size), *TINY_MODEL, "log_every=1", *sets], epochs=epochs,
+        batch_size=batch_size, out_dir=str(out_dir), train_ann=str(data["train_ann"]),
         train_images=str(data["train_images"]),
         val_ann=str(data["val_ann"]) if val else None,
         val_images=str(data["val_images"]) if val else None, **kw)
