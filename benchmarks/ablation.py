@@ -26,11 +26,23 @@ deleted unless ``--keep-checkpoints``. Seeds run in the outer loop, so a partial
 already has paired comparisons.
 
 Reproduce (2 CPU cores; the script prints an ETA after every run). The whole protocol is
-15 runs of the recipe (400 images x 12 epochs, roughly 20-30 min each on 2 cores): 5-7 h,
-which can be spent in pieces: Ctrl-C saves a checkpoint and a rerun resumes from it::
+15 runs of the recipe. On the 2-core Zen 2 EPYC of 2026-12-02 a run of 128 images x 12
+epochs took 22-29 min with one torch thread while a second run used the other core (two
+such runs side by side get more done than one run on both cores); at 400 images, three
+times that. It can be spent in pieces: Ctrl-C saves a checkpoint and a rerun resumes from
+it, and two processes can share one ``--out`` if they train different variants or seeds::
 
-    .venv/bin/python benchmarks/ablation.py --threads 2 --seeds 0 1 2 \\
-        --num-train 400 --num-val 100 --image-size 256 --out runs/ablation
+    .venv/bin/python benchmarks/ablation.py --threads 1 --seeds 0 1 2 \\
+        --variants full no_denoising positives_only --num-train 128 --num-val 100 \\
+        --image-size 256 --data runs/hard128 --out runs/ablation-hard &
+    .venv/bin/python benchmarks/ablation.py --threads 1 --seeds 0 1 2 \\
+        --variants static_queries look_forward_once --num-train 128 --num-val 100 \\
+        --image-size 256 --data runs/hard128 --out runs/ablation-hard
+
+(the dataset must exist before the second starts: generate it with the first, or with
+``make_hard_coco``). Seed 0 of every variant is recorded in
+``benchmarks/results/ablation-hard128-runs.jsonl``: copied to
+``runs/ablation-hard/runs.jsonl``, those runs are skipped.
 
 A screen of about 40 minutes (one seed, half the images, half the epochs: no spread to
 judge differences by, so read it as a smoke test of the protocol, not as a result)::
