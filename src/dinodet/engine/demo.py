@@ -14,7 +14,7 @@ DEMO_SETTINGS: dict[str, Any] = {
     "image_size": 320,
     "num_train": 240,
     "num_val": 40,
-    "epochs": 6,
+    "epochs": 8,
 }
 
 
