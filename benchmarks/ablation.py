@@ -40,7 +40,7 @@ it, and two processes can share one ``--out`` if they train different variants o
         --image-size 256 --data runs/hard128 --out runs/ablation-hard
 
 (the dataset must exist before the second starts: generate it with the first, or with
-``make_hard_coco``). Seed 0 of every variant and seed 1 of ``full`` and ``no_denoising``
+``make_hard_coco``). Seed 0 of every variant and seed 1 of all but ``static_queries``
 are recorded in
 ``benchmarks/results/ablation-hard128-runs.jsonl``: copied to
 ``runs/ablation-hard/runs.jsonl``, those runs are skipped.
