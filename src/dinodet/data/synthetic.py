@@ -9,6 +9,7 @@ so a detector can learn it in minutes on a CPU. Category ids are the odd numbers
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -72,10 +73,10 @@ def _place(rng: np.random.Generator, h: int, w: int, placed: list) -> tuple | No
     """A box (x0, y0, bw, bh) inside the image overlapping little with ``placed``."""
     short = min(h, w)
     for _ in range(_PLACEMENT_TRIES):
-        side = short * np.exp(rng.uniform(np.log(_MIN_SIDE), np.log(_MAX_SIDE)))
-        aspect = np.exp(rng.uniform(np.log(0.6), np.log(1.6)))
-        bw = max(8, min(w, round(side * np.sqrt(aspect))))
-        bh = max(8, min(h, round(side / np.sqrt(aspect))))
+        side = short * math.exp(rng.uniform(math.log(_MIN_SIDE), math.log(_MAX_SIDE)))
+        aspect = math.exp(rng.uniform(math.log(0.6), math.log(1.6)))
+        bw = max(8, min(w, round(side * math.sqrt(aspect))))
+        bh = max(8, min(h, round(side / math.sqrt(aspect))))
         x0, y0 = int(rng.integers(0, w - bw + 1)), int(rng.integers(0, h - bh + 1))
         ok = True
         for px, py, pw, ph in placed:

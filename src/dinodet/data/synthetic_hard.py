@@ -148,7 +148,7 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     for _ in range(int(rng.integers(3, 14))):  # blobs and polygons, out of focus below
         colour = tuple(int(v) for v in rng.integers(0, 256, size=3))
         cx, cy = rng.uniform(0, sw), rng.uniform(0, sh)
-        r = short * float(np.exp(rng.uniform(np.log(0.03), np.log(0.35))))
+        r = short * math.exp(rng.uniform(math.log(0.03), math.log(0.35)))
         if rng.random() < 0.5:
             rx, ry = r, r * rng.uniform(0.4, 1.0)
             draw.ellipse((cx - rx, cy - ry, cx + rx, cy + ry), fill=colour)
@@ -306,14 +306,14 @@ def _render(rng: np.random.Generator, h: int, w: int, num_classes: int, min_obje
     kinds = np.asarray([1] * n_objects + [0] * n_distractors)
     rng.shuffle(kinds)
     scale = min(h, w) / _REFERENCE_SIDE
-    lo, hi = np.log(object_size[0] * scale), np.log(object_size[1] * scale)
+    lo, hi = math.log(object_size[0] * scale), math.log(object_size[1] * scale)
     labels: list[int] = []  # of labelled thing i (owner id i + 1)
     full: list[int] = []  # its pixel count when drawn
     visible: list[int] = []  # its pixels no later stroke covers
     drawn_boxes: list[tuple[int, int, int, int]] = []  # its drawn extent, xyxy exclusive
     next_distractor = -1
     for labelled in kinds:
-        glyph_h = float(np.exp(rng.uniform(lo, hi)))
+        glyph_h = math.exp(rng.uniform(lo, hi))
         if labelled:
             label = int(rng.integers(num_classes))
             alpha = _glyph_alpha(rng, DIGIT_STROKES[label], glyph_h, rng.uniform(0.55, 0.8))
