@@ -1,12 +1,15 @@
 """Images per second of ``Detector(int8=True)`` against float32 ``Detector`` on the CPU.
 
 Builds a randomly initialised model (speed does not depend on the weights), makes one
-float32 ``Detector`` and one int8 ``Detector`` per quantised engine asked for (its Linear
-layers packed for that engine by :func:`dinodet.model.quantize.quantize_int8`), and times
+float32 ``Detector``, one int8 ``Detector`` per quantised engine asked for (its Linear
+layers packed for that engine and its convolutions in int8 by
+:func:`dinodet.model.quantize.quantize_int8`) and one with the Linear layers only
+(``convs=False``: what the convolutions add), and times
 ``det(image)`` on one uint8 image of the model's input size (batch 1; the resize is a
 no-op), the runs alternating so that all share the machine's noise. The speed-up is the
 float32 median over the int8 median. ``--profile`` adds, for one call of each, the split of
-CPU time (torch.profiler, self time) between the Linear products and everything else.
+CPU time (torch.profiler, self time) between the Linear products, the convolutions, the
+quantisation of their inputs and everything else.
 
     python benchmarks/bench_int8.py --repeats 5 --threads 2 --json int8.json
     python benchmarks/bench_int8.py --engines x86 fbgemm onednn --profile
@@ -37,7 +40,10 @@ OP_GROUPS = (
     ("linear", ("quantized::linear_dynamic", "mkldnn::_linear_pointwise", "aten::addmm",
                 "aten::mm", "aten::bmm", "aten::matmul", "aten::linear")),
     ("convolution", ("aten::mkldnn_convolution", "aten::convolution", "aten::_convolution",
-                     "aten::conv2d", "aten::_slow_conv2d_forward")),
+                     "aten::conv2d", "aten::_slow_conv2d_forward",
+                     "mkldnn::_convolution_pointwise", "onednn::qconv2d_pointwise")),
+    ("quantise input", ("aten::quantize_per_tensor", "aten::aminmax", "aten::int_repr",
+                        "aten::quantize_per_tensor_dynamic")),
 )
 
 
@@ -106,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         det.model = (default_int8.model if engine == ENGINES[0]
                      else quantize_int8(model, engine=engine))
         detectors[f"int8 ({engine})"] = det
+    linear_only = Detector(model, transform=transform)
+    linear_only.model = quantize_int8(model, convs=False)
+    detectors["int8 Linear only"] = linear_only
     names = list(detectors)
     print(f"{args.variant}, one 3x{args.height}x{args.width} uint8 image, batch 1, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
@@ -148,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                     "engines": args.engines}
         write_json(args.json, "bench_int8", settings, {
             "int8_layers": counts.int8, "float_linear_layers": counts.float,
+            "int8_convolutions": counts.convs,
             "implementations": results, "profiles": profiles,
         })
     return 0

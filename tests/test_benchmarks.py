@@ -254,11 +254,13 @@ def test_bench_int8_end_to_end(tmp_path: Path) -> None:
     results = payload["results"]
     assert results["int8_layers"] > 0 and results["float_linear_layers"] >= 0
     impls = results["implementations"]
-    assert list(impls) == ["float32", "int8 (x86)", "int8 (fbgemm)"]
+    assert list(impls) == ["float32", "int8 (x86)", "int8 (fbgemm)", "int8 Linear only"]
+    assert results["int8_convolutions"] > 0
     assert impls["float32"]["speedup_vs_float32"] == 1.0
     assert all(res["median_s"] > 0 and len(res["runs_s"]) == 1 for res in impls.values())
     assert set(results["profiles"]) == set(impls)
-    assert results["profiles"]["int8 (x86)"]["groups_s"]["linear"] > 0
+    groups = results["profiles"]["int8 (x86)"]["groups_s"]
+    assert groups["linear"] > 0 and groups["convolution"] > 0 and groups["quantise input"] > 0
     help_run = _run("benchmarks/bench_int8.py", "--help", timeout=120)
     assert help_run.stdout.startswith("usage:") and "--json" in help_run.stdout
 

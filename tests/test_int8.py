@@ -5,6 +5,7 @@ refuses CUDA, MPS and non-float32 dtypes."""
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from dinodet.engine.evaluate import evaluate_checkpoint, evaluate_results
 from dinodet.engine.train import train
 from dinodet.errors import UserError
 from dinodet.model.linear import Linear
-from dinodet.model.quantize import Int8Warning, int8_counts, quantize_int8
+from dinodet.model.quantize import Int8Conv2d, Int8Counts, Int8Warning, int8_counts, quantize_int8
 from dinodet.predict import Detector
 
 nnqd = pytest.importorskip("torch.ao.nn.quantized.dynamic")
@@ -162,7 +163,8 @@ def test_cli_predict_int8_says_so_once(trained, tmp_path, capsys):
         assert main(["predict", str(trained["checkpoint"]), str(image),
                      "--out", str(tmp_path / "out"), "--int8"]) == 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--int8:" in err[0] and "Linear layers in int8" in err[0]
+    assert len(err) == 1 and "--int8:" in err[0]
+    assert re.search(r"\d+ Linear layers and \d+ convolutions in int8", err[0]), err[0]
     assert "dinodet eval --int8" in err[0]
     assert json.loads((tmp_path / "out" / "detections.json").read_text())[0]["detections"]
 
@@ -200,3 +202,116 @@ def test_the_engine_is_set_for_the_conversion_only():
     with pytest.raises(UserError, match=r"^int8 engine 'nope' is not in this torch build"):
         quantize_int8(nn.Linear(4, 4), engine="nope")
     assert torch.backends.quantized.engine == before
+
+
+# --------------------------------------------------------------------------- convolutions
+
+def _relerr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("bits", [8, 7])
+@pytest.mark.parametrize("cin, cout, k, stride, groups", [
+    (3, 16, 7, 2, 1), (32, 48, 3, 1, 1), (32, 64, 3, 2, 4), (64, 32, 1, 1, 1)])
+def test_int8_conv_is_close_to_the_float_conv(bits, cin, cout, k, stride, groups):
+    """Close for signed and for non-negative inputs (PyTorch's own dynamic Conv2d is
+    about 70 % off on the latter), 8- and 7-bit weights, groups, strides."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups).eval()
+    q = Int8Conv2d(conv, bits)
+    for x in (torch.randn(2, cin, 23, 30), torch.randn(2, cin, 23, 30).relu()):
+        with torch.no_grad():
+            y, ref = q(x), conv(x)
+        assert y.shape == ref.shape and y.dtype == torch.float32
+        assert _relerr(y, ref) < (0.02 if bits == 8 else 0.04)
+        assert not torch.equal(y, ref)
+
+
+@pytest.mark.parametrize("norm_type", ["frozen", "batchnorm"])
+def test_int8_conv_folds_its_norm_and_fuses_relu_and_the_residual(norm_type):
+    from torchvision.ops import FrozenBatchNorm2d
+
+    torch.manual_seed(1)
+    conv = nn.Conv2d(16, 32, 3, padding=1, bias=False).eval()
+    norm = FrozenBatchNorm2d(32) if norm_type == "frozen" else nn.BatchNorm2d(32).eval()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2)
+        norm.bias.normal_()
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 3)
+    q = Int8Conv2d(conv, norm=norm)
+    x, residual = torch.randn(1, 16, 20, 20), torch.randn(1, 32, 20, 20)
+    with torch.no_grad():
+        plain = norm(conv(x))
+        assert _relerr(q(x), plain) < 0.02
+        assert _relerr(q(x, relu=True), plain.relu()) < 0.02
+        mine = residual.clone(memory_format=torch.channels_last)
+        out = q(x, relu=True, residual=mine)
+        assert _relerr(out, (plain + residual).relu()) < 0.02
+        torch.testing.assert_close(mine, out, rtol=0, atol=0)  # computed in its memory
+    assert "norm folded" in repr(q)
+
+
+def test_int8_conv_packs_per_input_shape_and_keeps_a_few():
+    torch.manual_seed(2)
+    conv = nn.Conv2d(8, 8, 3, padding=1).eval()
+    q = Int8Conv2d(conv)
+    with torch.no_grad():
+        for size in range(10, 22):
+            x = torch.randn(1, 8, size, size + 3)
+            assert _relerr(q(x), conv(x)) < 0.02
+        assert len(q._packed) == 8 and (1, 8, 21, 24) in q._packed
+        q(torch.randn(1, 8, 14, 17))  # a shape kept: no new pack
+    assert len(q._packed) == 8
+
+
+def test_int8_conv_refuses_what_it_cannot_run():
+    with pytest.raises(ValueError, match="only numeric zero padding"):
+        Int8Conv2d(nn.Conv2d(4, 4, 3, padding="same"))
+    with pytest.raises(ValueError, match="only numeric zero padding"):
+        Int8Conv2d(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
+    with pytest.raises(ValueError, match=r"input of shape \(4, 5, 5\)"):
+        Int8Conv2d(nn.Conv2d(4, 4, 3))(torch.randn(4, 5, 5))
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_backbone_in_int8_folds_every_norm_and_stays_close(frozen):
+    """Every ResNet convolution in int8 with its BatchNorm folded (frozen, or trainable in
+    eval mode); the fused path (no autograd) equals the plain modules and is close to the
+    float backbone."""
+    from dinodet.model.backbone import ResNetBody
+
+    torch.manual_seed(3)
+    body = ResNetBody("resnet18", (1, 2, 3), frozen_batchnorm=frozen).eval()
+    convs = sum(type(m) is nn.Conv2d for m in body.modules())
+    q = quantize_int8(body)
+    assert int8_counts(q) == Int8Counts(0, 0, convs)
+    assert not any(isinstance(m, nn.BatchNorm2d) or type(m).__name__ == "FrozenBatchNorm2d"
+                   for m in q.modules())
+    assert all(m.folded_norm for m in q.modules() if isinstance(m, Int8Conv2d))
+    x = torch.rand(1, 3, 96, 128)
+    with torch.no_grad():
+        ref, fused = body(x), q(x)
+    with torch.enable_grad():
+        plain = q(x)
+    for r, f, p in zip(ref, fused, plain, strict=True):
+        assert _relerr(f, r) < 0.06
+        torch.testing.assert_close(f, p, rtol=1e-5, atol=1e-5)
+    assert quantize_int8(body, convs=False) is not body
+    assert int8_counts(quantize_int8(body, convs=False)).convs == 0
+
+
+def test_an_int8_block_does_not_write_over_an_input_it_must_keep():
+    from dinodet.model.backbone import ResNetBody
+
+    torch.manual_seed(4)
+    q = quantize_int8(ResNetBody("resnet18", (1, 2, 3), frozen_batchnorm=True).eval())
+    block = q.layer1[1]  # no downsample: its sum goes into its input's memory
+    x = torch.rand(1, 64, 16, 16).contiguous(memory_format=torch.channels_last)
+    kept = x.clone()
+    with torch.no_grad():
+        out = q._block(block, x, keep_input=True)
+        torch.testing.assert_close(x, kept, rtol=0, atol=0)
+        assert not torch.equal(out, x)
+        q._block(block, x)
+    assert not torch.equal(x, kept)  # without keep_input it does

@@ -201,7 +201,7 @@ def _eval(args: argparse.Namespace) -> int:
         check_output_file(args.out, "--out")
     report_options = _eval_report_options(args)
     if args.int8:
-        print("--int8: Linear layers dynamically quantised to int8, on the CPU; compare "
+        print("--int8: Linear and convolution layers quantised to int8, on the CPU; compare "
               "with the metrics without --int8", file=sys.stderr, flush=True)
     ann, split = _eval_data(args)
     result = evaluate_checkpoint(args.checkpoint, ann, args.images, out=None,
@@ -777,7 +777,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class index = category id (original DINO checkpoints on COCO)")
     p.add_argument("--workers", type=_int_in(0), default=2, help="image-reading processes")
     p.add_argument("--int8", action="store_true",
-                   help="evaluate with the Linear layers quantised to int8 (CPU), to measure "
+                   help="evaluate with the Linear and convolution layers in int8 (CPU), to measure "
                         "what `predict --int8` costs in AP")
     p.set_defaults(func=_eval)
 
@@ -846,7 +846,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="videos: stop after N frames (a camera or stream: else until Ctrl-C)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--int8", action="store_true",
-                   help="Linear layers quantised to int8: faster on the CPU, approximate "
+                   help="Linear and convolution layers in int8: faster on the CPU, approximate "
                         "(measure with `dinodet eval --int8`)")
     p.add_argument("--slice", type=_int_in(32), default=None, metavar="TILE",
                    help="detect on overlapping TILE x TILE pixel tiles of every image and "

@@ -158,8 +158,8 @@ class Detector:
     Every image goes through ``transform``, the :class:`~dinodet.data.EvalTransform` that
     evaluation uses, so a 50-megapixel photo runs at the model's size.
 
-    ``int8=True`` (CPU and float32 only) runs a copy of the model with its Linear layers
-    dynamically quantised to int8 (:func:`dinodet.model.quantize.quantize_int8`): faster
+    ``int8=True`` (CPU and float32 only) runs a copy of the model with its Linear and
+    convolution layers in int8 (:func:`dinodet.model.quantize.quantize_int8`): faster
     on the CPU, and approximate, so it warns once (an
     :class:`~dinodet.model.quantize.Int8Warning`); measure the AP change with
     ``dinodet eval --int8``. Each image's activations are quantised with a scale taken from

@@ -370,7 +370,7 @@ def evaluate_checkpoint(checkpoint: str | Path, ann: str | Path,
     override it as in ``dinodet predict``). The detections are kept in the result's
     ``detections`` and written to ``out`` if given (atomically); ``out`` is checked
     (:func:`~dinodet.weights.check_output_file`) before anything is read or evaluated.
-    ``int8``: evaluate the model with its Linear layers dynamically quantised to int8
+    ``int8``: evaluate the model with its Linear and convolution layers in int8
     (:func:`~dinodet.model.quantize.quantize_int8`), on the CPU ("auto" picks it), to
     measure what int8 costs in AP. ``report``: a folder to write the evaluation report into
     (:func:`dinodet.engine.analysis.write_eval_report`: PR curves, the confusion matrix at

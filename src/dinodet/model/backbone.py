@@ -23,6 +23,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import FrozenBatchNorm2d
 
 from dinodet.config import BackboneConfig
+from dinodet.model.quantize import Int8Conv2d
 from dinodet.model.tracing import exporting
 
 FUSED_ENV_VAR = "DINODET_FUSED_BACKBONE"
@@ -65,11 +66,12 @@ class ResNetBody(nn.Module):
             x = self.maxpool(self._conv(x, self.conv1, self.bn1, relu=True))
         else:
             x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        out = []
+        out: list[Tensor] = []
         for i, layer in enumerate((self.layer1, self.layer2, self.layer3, self.layer4)):
             if fused:
                 for block in layer:
-                    x = self._block(block, x)
+                    # An int8 block writes its sum over its input: not over a level's output.
+                    x = self._block(block, x, keep_input=bool(out) and out[-1] is x)
             else:
                 x = layer(x)
             if i in self.return_levels:
@@ -79,6 +81,8 @@ class ResNetBody(nn.Module):
         return out
 
     def _fusable(self, x: Tensor) -> bool:
+        if isinstance(self.conv1, Int8Conv2d):  # quantize_int8 folded the norms: CPU only
+            return not torch.is_grad_enabled() and not exporting()
         return (_FUSED and not self.training and not torch.is_grad_enabled()
                 and x.device.type == "cpu" and x.dtype == torch.float32
                 and self.conv1.weight.dtype == torch.float32
@@ -105,7 +109,10 @@ class ResNetBody(nn.Module):
 
     def _conv(self, x: Tensor, conv: Any, bn: Any, relu: bool,
               residual: Tensor | None = None) -> Tensor:
-        """relu?(bn(conv(x)) (+ residual)) in one oneDNN call."""
+        """relu?(bn(conv(x)) (+ residual)) in one oneDNN call. An int8 convolution has its
+        norm folded in already (``bn`` is then an identity) and writes over ``residual``."""
+        if isinstance(conv, Int8Conv2d):
+            return conv(x, relu=relu, residual=residual)
         weight, bias = self._fold(conv, bn)
         args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
         if residual is None:
@@ -114,12 +121,15 @@ class ResNetBody(nn.Module):
         return torch.ops.mkldnn._convolution_pointwise.binary(
             x, residual, weight, bias, *args, "add", None, "relu" if relu else None, [], "")
 
-    def _block(self, block: Any, x: Tensor) -> Tensor:
-        """A torchvision BasicBlock or Bottleneck, fused."""
+    def _block(self, block: Any, x: Tensor, keep_input: bool = False) -> Tensor:
+        """A torchvision BasicBlock or Bottleneck, fused (``keep_input``: ``x`` must not be
+        written over)."""
         identity = x
         if block.downsample is not None:
             conv, bn = block.downsample
             identity = self._conv(x, conv, bn, relu=False)
+        elif keep_input and isinstance(block.conv1, Int8Conv2d):
+            identity = x.clone()
         out = self._conv(x, block.conv1, block.bn1, relu=True)
         if isinstance(block, Bottleneck):
             out = self._conv(out, block.conv2, block.bn2, relu=True)
