@@ -315,3 +315,13 @@ def test_an_int8_block_does_not_write_over_an_input_it_must_keep():
         assert not torch.equal(out, x)
         q._block(block, x)
     assert not torch.equal(x, kept)  # without keep_input it does
+
+
+def test_an_int8_linear_takes_the_fused_relu_with_the_same_values():
+    from dinodet.model.linear import _is_dynamic_int8, linear_relu
+
+    torch.manual_seed(5)
+    q = quantize_int8(Linear(16, 32))
+    x = torch.randn(3, 7, 16)
+    assert _is_dynamic_int8(q) and not _is_dynamic_int8(Linear(16, 32))
+    torch.testing.assert_close(linear_relu(q, x), torch.relu(q(x)), rtol=0, atol=0)

@@ -122,4 +122,17 @@ def linear_relu(layer: nn.Module, x: Tensor) -> Tensor:
     :class:`Linear` on the CPU; any other module (a quantised one, say) runs as itself."""
     if type(layer) is Linear:
         return linear(x, layer.weight, layer.bias, relu=True)
+    if _is_dynamic_int8(layer):  # fbgemm's product with the ReLU fused, same values
+        # reduce_range=True: what the module's own forward passes for int8 weights.
+        packed = layer._packed_params._packed_params  # type: ignore[union-attr]
+        return torch.ops.quantized.linear_relu_dynamic(x, packed, True)
     return torch.relu(layer(x))
+
+
+def _is_dynamic_int8(layer: nn.Module) -> bool:
+    """A ``torch.ao.nn.quantized.dynamic.Linear`` with int8 weights (checked by name, so
+    that float models never import torch.ao's deprecated quantisation package)."""
+    cls = type(layer)
+    return (cls.__name__ == "Linear"
+            and cls.__module__.startswith("torch.ao.nn.quantized.dynamic")
+            and getattr(getattr(layer, "_packed_params", None), "dtype", None) == torch.qint8)
