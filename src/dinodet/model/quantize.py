@@ -1,4 +1,4 @@
-"""int8 for CPU inference: the model's Linear layers dynamically quantised.
+"""int8 for CPU inference: the model's Linear layers and convolutions in int8.
 
 :func:`quantize_int8` replaces every ``nn.Linear`` of a model (dinodet's own
 :class:`~dinodet.model.linear.Linear` included) by PyTorch's dynamically quantised linear
@@ -7,7 +7,7 @@ puts in): the weight is stored as int8, per output channel (symmetric, scale = m
 127.5, as ``per_channel_dynamic_qconfig``), and every call quantises its input to 8 bits
 with a scale taken from that input, multiplies in int8 and returns float32. The layers
 inside ``nn.MultiheadAttention`` stay float: its forward reads ``out_proj.weight`` as a
-tensor. Everything else (convolutions, norms, deformable attention) is unchanged.
+tensor. Norms, the deformable attention's sampling and the rest stay float32.
 
 Why not ``quantize_dynamic`` itself: it matches modules by exact type, so it skips
 dinodet's ``Linear`` subclass, and ``Linear.from_float`` refuses subclasses too; so the
