@@ -297,7 +297,6 @@ def test_backbone_in_int8_folds_every_norm_and_stays_close(frozen):
     for r, f, p in zip(ref, fused, plain, strict=True):
         assert _relerr(f, r) < 0.06
         torch.testing.assert_close(f, p, rtol=1e-5, atol=1e-5)
-    assert quantize_int8(body, convs=False) is not body
     assert int8_counts(quantize_int8(body, convs=False)).convs == 0
 
 

@@ -98,12 +98,8 @@ class ResNetBody(nn.Module):
         key = (id(conv), id(bn))
         cached = self._folded.get(key)
         if cached is None or cached[0] != versions:
-            scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
-            weight = (conv.weight * scale.view(-1, 1, 1, 1)).contiguous(
-                memory_format=torch.channels_last)
-            bias = bn.bias - bn.running_mean * scale
-            if conv.bias is not None:
-                bias = bias + conv.bias * scale
+            weight, bias = fold_batchnorm(conv, bn)
+            weight = weight.contiguous(memory_format=torch.channels_last)
             cached = self._folded[key] = (versions, weight, bias)
         return cached[1], cached[2]
 
@@ -136,6 +132,17 @@ class ResNetBody(nn.Module):
             return self._conv(out, block.conv3, block.bn3, relu=True, residual=identity)
         assert isinstance(block, BasicBlock)
         return self._conv(out, block.conv2, block.bn2, relu=True, residual=identity)
+
+
+def fold_batchnorm(conv: Any, bn: Any) -> tuple[Tensor, Tensor]:
+    """The (weight, bias) of one convolution computing ``bn(conv(x))`` with ``bn``'s
+    running statistics (a FrozenBatchNorm2d, or a BatchNorm2d in eval mode)."""
+    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+    weight = conv.weight * scale.view(-1, 1, 1, 1)
+    bias = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    return weight, bias
 
 
 def _fused_available() -> bool:

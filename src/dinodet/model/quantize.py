@@ -135,20 +135,19 @@ class Int8Conv2d(nn.Module):
     def __init__(self, conv: nn.Conv2d, weight_bits: int = 8,
                  norm: nn.Module | None = None) -> None:
         super().__init__()
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        if not self.can_run(conv):
             raise ValueError(f"Int8Conv2d: padding {conv.padding!r} / padding_mode "
                              f"{conv.padding_mode!r}: only numeric zero padding")
-        weight = conv.weight.detach().float()
-        bias = conv.bias.detach().float() if conv.bias is not None else None
-        if norm is not None:  # the BatchNorm that follows, folded in: y = conv(x) * a + b
-            stats: dict[str, torch.Tensor] = {
-                k: getattr(norm, k).detach() for k in ("weight", "bias", "running_mean",
-                                                       "running_var")}
-            eps = float(getattr(norm, "eps", 1e-5))  # both norms have it
-            a = stats["weight"] * (stats["running_var"] + eps).rsqrt()
-            b = stats["bias"] - stats["running_mean"] * a
-            weight = weight * a.view(-1, 1, 1, 1)
-            bias = b if bias is None else bias * a + b
+        from dinodet.model.backbone import fold_batchnorm
+
+        with torch.no_grad():
+            bias: torch.Tensor | None
+            if norm is not None:  # the BatchNorm that follows, folded in
+                weight, bias = fold_batchnorm(conv, norm)
+            else:
+                weight, bias = conv.weight, conv.bias
+            weight = weight.detach().float()
+            bias = bias.detach().float() if bias is not None else None
         qmax = 2 ** (weight_bits - 1) - 1
         amax = weight.flatten(1).abs().amax(1)
         scale = (amax / qmax).clamp_min(torch.finfo(torch.float32).eps)
@@ -167,6 +166,11 @@ class Int8Conv2d(nn.Module):
         # oneDNN reorders it on every call (ResNet-50's last 1x1 convolutions ran 15-20x
         # slower so). Packed per input shape, the last few kept; no buffer (not savable).
         self._packed: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
+
+    @staticmethod
+    def can_run(conv: nn.Conv2d) -> bool:
+        """Whether ``conv``'s padding is one this class runs: numeric and zero."""
+        return conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
 
     def packed_weight(self, shape: tuple[int, ...]) -> torch.Tensor:
         """The weight packed by oneDNN for inputs of ``shape`` (cached)."""
@@ -306,8 +310,7 @@ def _conv_norm_pairs(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
             continue
         for conv_name, norm_name in candidates:
             conv, norm = children.get(conv_name), children.get(norm_name)
-            if (isinstance(conv, nn.Conv2d) and type(conv) is nn.Conv2d
-                    and norm is not None and _is_foldable_norm(norm)
+            if (type(conv) is nn.Conv2d and norm is not None and _is_foldable_norm(norm)
                     and _channels(norm) == conv.out_channels):
                 pairs.append((parent, conv_name, norm_name))
     return pairs
@@ -329,8 +332,7 @@ def _float_convs(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
     seen: set[int] = set()
     found = []
     for name, module in model.named_modules():
-        if (type(module) is nn.Conv2d and id(module) not in seen
-                and module.padding_mode == "zeros" and not isinstance(module.padding, str)):
+        if type(module) is nn.Conv2d and id(module) not in seen and Int8Conv2d.can_run(module):
             seen.add(id(module))
             found.append((name, module))
     return found
@@ -384,7 +386,6 @@ def quantize_int8(model: nn.Module, *, inplace: bool = False,
     bits = 8 if _has_vnni() else 7
     replaced_convs: dict[int, nn.Module] = {}
     if conv_layers:
-        model.eval()  # BatchNorms apply their running statistics: those are folded
         shared = _shared_modules(model)
         convertible = {id(layer) for _, layer in conv_layers}
         for parent, conv_name, norm_name in _conv_norm_pairs(model):
@@ -404,7 +405,7 @@ def quantize_int8(model: nn.Module, *, inplace: bool = False,
                 setattr(module, child_name, replaced[id(child)])
     if id(model) in replaced:  # the model is one layer: nothing holds it
         model = replaced[id(model)]
-    model.eval()
+    model.eval()  # also what the folded BatchNorms' running statistics assume
     linears = len(replaced) - len(replaced_convs)
     counts = Int8Counts(linears, len(found) - linears, len(replaced_convs))
     log.info("int8 (%s engine; %d-bit convolution weights): %s", used, bits,
