@@ -188,7 +188,8 @@ def test_onnxruntime_matches_pytorch_at_another_size(tmp_path, opset):
                                    rtol=1e-5)
 
 
-def test_module_samples_with_it_while_exporting(monkeypatch):
+@pytest.mark.parametrize("coords", [2, 4])  # points (the encoder) and boxes (the decoder)
+def test_module_samples_with_it_while_exporting(monkeypatch, coords):
     from dinodet.model.ms_deform_attn import MSDeformAttn
 
     torch.manual_seed(0)
@@ -199,19 +200,19 @@ def test_module_samples_with_it_while_exporting(monkeypatch):
     shapes = [(5, 3), (2, 4)]
     query = torch.randn(2, 6, 16)
     value = torch.randn(2, 23, 16)
-    refs = torch.rand(2, 6, 2, 2)
+    refs = torch.rand(2, 6, 2, coords)
     mask = torch.zeros(2, 23, dtype=torch.bool)
     mask[1, -3:] = True
     with torch.no_grad():
         want = attn(query, refs, value, shapes, mask)
         calls = []
-        sample = ms_deform_attn_onnx.ms_deform_attn
+        sample = ms_deform_attn_onnx.sample
 
         def spy(*args):
             calls.append(1)
             return sample(*args)
 
-        monkeypatch.setattr(ms_deform_attn_onnx, "ms_deform_attn", spy)
+        monkeypatch.setattr(ms_deform_attn_onnx, "sample", spy)
         monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
         got = attn(query, refs, value, shapes, mask)
     assert calls == [1]

@@ -151,6 +151,32 @@ def test_ffn_chunking_matches_one_block(monkeypatch):
     torch.testing.assert_close(ffn(x), whole)
 
 
+def test_exported_ffn_keeps_its_norm_apart_and_fuses_its_relu(tmp_path):
+    # onnxruntime's CPU SkipLayerNormalization (its fusion of an Add and a LayerNormalization)
+    # is several times slower than the two ops; a Gemm with its ReLU is one FusedGemm.
+    pytest.importorskip("onnxscript")
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    ffn = FFN(DIM, 32, 0.0).eval()
+    x = torch.randn(2, 7, DIM)
+    path, optimised = tmp_path / "ffn.onnx", tmp_path / "ffn.opt.onnx"
+    program = torch.onnx.export(ffn, (x,), dynamo=True, verbose=False,
+                                dynamic_shapes={"x": {0: torch.export.Dim.DYNAMIC,
+                                                      1: torch.export.Dim.DYNAMIC}})
+    program.save(str(path))
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(optimised)
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops = [node.op_type for node in onnx.load(str(optimised)).graph.node]
+    assert "SkipLayerNormalization" not in ops and "LayerNormalization" in ops
+    assert "FusedGemm" in ops and "Relu" not in ops
+    other = torch.randn(3, 11, DIM)  # another batch and length
+    (out,) = session.run(None, {session.get_inputs()[0].name: other.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(out), ffn(other), atol=1e-5, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- decoder
 
 

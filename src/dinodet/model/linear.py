@@ -93,11 +93,12 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, relu: bool = F
     """``F.linear(x, weight, bias)`` (then ReLU if ``relu``), by oneDNN for float32 CPU
     tensors (see the module docstring), with the ReLU fused there."""
     if exporting() and x.dim() > 2:
-        # On rows, the product exports as one Gemm with its bias (onnxruntime then fuses the
-        # ReLU into it too) instead of a MatMul and a separate Add over its whole output.
+        # On rows, the product exports as one Gemm with its bias instead of a MatMul and a
+        # separate Add over its whole output; onnxruntime fuses a ReLU straight after it.
         out = F.linear(x.reshape(-1, x.shape[-1]), weight, bias)
-        out = out.view(*x.shape[:-1], weight.shape[0])
-        return out.relu() if relu else out
+        if relu:
+            out = out.relu()
+        return out.view(*x.shape[:-1], weight.shape[0])
     if not _fast(x, weight):
         out = F.linear(x, weight, bias)
         return out.relu_() if relu else out

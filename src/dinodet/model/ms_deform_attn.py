@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinodet.model import ms_deform_attn_triton
-from dinodet.model.linear import Linear
+from dinodet.model.linear import Linear, linear
 from dinodet.model.tracing import exporting
 from dinodet.structures import to_device
 
@@ -485,11 +485,7 @@ class MSDeformAttn(nn.Module):
             # torch.export / ONNX: one traceable graph without data-sized chunk loops or
             # embedding_bag (which ONNX lacks): one Gather of corner rows and a MatMul by
             # their weights (see ms_deform_attn_onnx), cheaper than GridSample per level.
-            from dinodet.model import ms_deform_attn_onnx
-
-            out = ms_deform_attn_onnx.ms_deform_attn(
-                value, spatial_shapes,
-                *self._locations_and_weights(query, reference_points, spatial_shapes))
+            out = self._export_sample(query, reference_points, value, spatial_shapes)
         elif callable(self._backend):
             out = self._backend(value, spatial_shapes,
                                 *self._locations_and_weights(query, reference_points,
@@ -524,6 +520,50 @@ class MSDeformAttn(nn.Module):
             locations = (reference_points[:, :, None, :, None, :2]
                          + offsets / points * reference_points[:, :, None, :, None, 2:] * 0.5)
         return locations, weights
+
+    def _export_sample(self, query: Tensor, reference_points: Tensor, value: Tensor,
+                       spatial_shapes: list[tuple[int, int]]) -> Tensor:
+        """:func:`ms_deform_attn_onnx.sample` at pixel coordinates computed as
+        :meth:`_fused` does, with the offsets' rows reordered so that their product comes
+        out planar (onnxruntime folds the reordering into the weights). Returns
+        [N, Lq, M·D]."""
+        from dinodet.model import ms_deform_attn_onnx
+
+        offsets_layer = self.sampling_offsets
+        if not isinstance(offsets_layer, nn.Linear):  # e.g. quantised: through locations
+            return ms_deform_attn_onnx.ms_deform_attn(
+                value, spatial_shapes,
+                *self._locations_and_weights(query, reference_points, spatial_shapes))
+        n, lq, _ = query.shape
+        m, levels, points = self.num_heads, self.num_levels, self.num_points
+        lp = levels * points
+        compute = _compute_dtype(value.dtype)
+        weight = offsets_layer.weight.view(m, lp, 2, -1).transpose(1, 2).reshape(m * 2 * lp, -1)
+        bias: Tensor | None = offsets_layer.bias
+        if bias is not None:
+            bias = bias.view(m, lp, 2).transpose(1, 2).reshape(-1)
+        offsets = linear(query, weight, bias).view(n, lq, m, 2, lp).to(compute)
+        weights = self.attention_weights(query).view(n, lq, m, lp).to(compute).softmax(-1)
+        # Padded pixel coordinates (centre of pixel i at i + 1): location·size + 0.5, so
+        #   2-d references: ref·size + 0.5 + offset;
+        #   boxes: ref_xy·size + 0.5 + offset · ref_wh·size / (2P).
+        # The references [N, Lq, L, c] go planar, [N, Lq, 1, c, L·P] (repeated over the
+        # points), by an exact matmul with a 0/1 matrix: onnxruntime's Transpose of their
+        # trailing (L, c) axes costs more than the whole attention's elementwise ops.
+        c = reference_points.shape[-1]
+        i = torch.arange(levels * c, device=query.device)
+        j = torch.arange(c * lp, device=query.device)
+        spread = ((i % c)[:, None] == j // lp) & ((i // c)[:, None] == (j % lp) // points)
+        ref = torch.matmul(reference_points.to(compute).reshape(n, lq, levels * c),
+                           spread.to(compute)).view(n, lq, 1, c, lp)
+        sizes = ms_deform_attn_onnx.level_sizes(spatial_shapes, points, 1, compute,
+                                                query.device)  # [1, 2, L·P]
+        start = ref[:, :, :, :2] * sizes + 0.5
+        if c == 2:
+            pix = offsets + start
+        else:
+            pix = start + offsets * (ref[:, :, :, 2:] * (sizes * (0.5 / points)))
+        return ms_deform_attn_onnx.sample(value, spatial_shapes, pix, weights)
 
     def _fused(self, query: Tensor, reference_points: Tensor, value: Tensor,
                spatial_shapes: list[tuple[int, int]]) -> Tensor:

@@ -12,20 +12,20 @@ and no clamped index. The 4·L·P corner rows of each (batch, query, head) are g
 with the bilinear × attention weights (onnxruntime runs that several times faster than a
 Mul and a ReduceSum, which write the gathered rows once more).
 
-On 2 CPU threads under onnxruntime, the encoder attention of an 800×1088 image (18k queries,
-8 heads, 4 levels, 4 points) takes less than half the time of one GridSample per level
-(:func:`~dinodet.model.ms_deform_attn.ms_deform_attn_grid_sample`). Most of it is the
-Gather: unlike ``embedding_bag`` it writes the gathered rows (N·Lq·M·4·L·P·D values, 1.2 GB
-for that image) before the matmul reads them, so the rows are gathered and summed in
-:data:`PIECES` slices of the (batch, query, head) rows, onnxruntime then holding one slice
-at a time. Four corners per gathered row (a table of 2×2 patches) halve the Gather's time
-but building the table costs as much, and more than the decoder's few queries save.
+Unlike ``embedding_bag``, the Gather writes the gathered rows (N·Lq·M·4·L·P·D values, 1.2 GB
+for the encoder of an 800×1088 image) before the matmul reads them, so the queries are
+taken in :data:`PIECES` slices, onnxruntime then holding one slice's rows at a time. A
+slice's indices and weights are computed from its own coordinates (slicing the full-size
+index and weight tensors instead copies them once more).
 
-Coordinates are "planar", [N, Lq, M, axis (x, y), L·P], with per-level constants
-materialised at [M, axis, L·P]: onnxruntime's elementwise ops, Split and Transpose are slow
-on a trailing size-2 axis. The interleaved locations are made planar by a matmul with a
-permutation matrix, exact for finite values: they are clamped to [-1, 2] first (which
-keeps every point outside a map outside it).
+onnxruntime's elementwise ops cost about as much per element as the Gather, and more on a
+trailing size-2 axis or a broadcast: coordinates are "planar", [N, Lq, M, axis (x, y), L·P],
+per-level constants materialised at [M, axis, L·P], and the few products that need no
+broadcast are matmuls. The top-left corner's table row, Σ over the axes of corner · step,
+is one (exact) matmul of the floored coordinates by a [2·L·P, L·P] matrix of the steps.
+:class:`~dinodet.model.ms_deform_attn.MSDeformAttn` gives :func:`sample` the pixel
+coordinates straight from its offsets (no normalised locations in between);
+:func:`ms_deform_attn` takes the locations, for tests and other callers.
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# The gathered rows are summed in this many slices of the (batch, query, head) rows. Under
-# onnxruntime (2 threads, the encoder attention of an 800×1088 image) one slice peaks at
-# 1.4 GB over the inputs, 4 at 0.55 GB, 8 at 0.35 GB (GridSample per level: 0.3 GB); each
-# doubling of the slices cost 3 to 5 % of the time.
+# The queries are sampled in this many slices. Under onnxruntime (2 threads, the encoder
+# attention of an 800×1088 image) one slice peaks at 1.4 GB over the inputs, 4 at 0.55 GB,
+# 8 at 0.35 GB (GridSample per level: 0.3 GB); each doubling of the slices cost 3 to 5 %
+# of the time.
 PIECES = 4
 
 
@@ -73,11 +73,55 @@ def ms_deform_attn(
     Returns:
         [N, Lq, M·D] in the dtype of ``value``.
     """
-    n, _, m, d = value.shape
+    n, _, m, _ = value.shape
     _, lq, _, num_levels, num_points, _ = sampling_locations.shape
     if len(spatial_shapes) != num_levels:
         raise ValueError(f"{len(spatial_shapes)} spatial shapes for {num_levels} levels")
     lp = num_levels * num_points
+    compute = torch.promote_types(value.dtype, torch.float32)
+    sizes = level_sizes(spatial_shapes, num_points, m, compute, value.device)
+    # Clamped to [-1, 2] first, which keeps every point outside a map outside it.
+    pix = _planar(sampling_locations, compute) * sizes + 0.5
+    return sample(value, spatial_shapes, pix, attention_weights.reshape(n, lq, m, lp))
+
+
+def _per_point(per_level: list[list[int]], num_points: int, num_heads: int,
+               dtype: torch.dtype, device: torch.device) -> Tensor:
+    """per_level[l] = [a, b, ..] -> [M, k, L·P]: level l's values repeated over its points."""
+    num_levels = len(per_level)
+    t = torch.tensor(per_level, dtype=dtype, device=device).t()
+    t = t[:, :, None].expand(-1, num_levels, num_points).reshape(-1, num_levels * num_points)
+    return t.expand(num_heads, -1, num_levels * num_points)
+
+
+def level_sizes(spatial_shapes: list[tuple[int, int]], num_points: int, num_heads: int,
+                dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Each level's (W, H) as [M, axis, L·P] (repeated over the points and heads)."""
+    return _per_point([[w, h] for h, w in spatial_shapes], num_points, num_heads, dtype,
+                      device)
+
+
+def sample(value: Tensor, spatial_shapes: list[tuple[int, int]], pix: Tensor,
+           attn: Tensor) -> Tensor:
+    """Bilinear samples at planar pixel coordinates, summed with the attention weights.
+
+    Args:
+        value: [N, S, M, D] values of all levels flattened (S = Σ H_l·W_l).
+        spatial_shapes: (H_l, W_l) of each level, in the order of ``value``.
+        pix: [N, Lq, M, 2 (x, y), L·P] pixel coordinates in which the centre of pixel i
+            lies at i + 1 (normalised location · size + 0.5), points in level order; any
+            value (far outside reads zeros, NaN gives NaN).
+        attn: [N, Lq, M, L·P] attention weights.
+
+    Returns:
+        [N, Lq, M·D] in the dtype of ``value``.
+    """
+    n, _, m, d = value.shape
+    _, lq, _, _, lp = pix.shape
+    num_levels = len(spatial_shapes)
+    num_points = lp // num_levels
+    if num_levels * num_points != lp:
+        raise ValueError(f"{lp} points per head for {num_levels} levels")
     compute = torch.promote_types(value.dtype, torch.float32)
     device = value.device
 
@@ -94,50 +138,45 @@ def ms_deform_attn(
         starts.append(starts[-1] + (h + 3) * (w + 3))
 
     def per_point(per_level: list[list[int]], dtype: torch.dtype) -> Tensor:
-        # per_level[l] = [a, b, ..] -> [M, k, L·P], level l's values repeated over its points
-        t = torch.tensor(per_level, dtype=dtype, device=device).t()
-        t = t[:, :, None].expand(-1, num_levels, num_points).reshape(-1, lp)
-        return t.expand(m, -1, lp)
+        return _per_point(per_level, num_points, m, dtype, device)
 
-    sizes = per_point([[w, h] for h, w in spatial_shapes], compute)  # (W, H)
-    # Table-row steps of one padded pixel along x and along y.
-    steps = per_point([[m, (w + 3) * m] for _, w in spatial_shapes], torch.int64)
+    upper = per_point([[w + 1, h + 1] for h, w in spatial_shapes], compute)  # [M, 2, L·P]
+    # steps[a·LP + j, j]: the table-row step of one padded pixel along axis a at point j.
+    axis_steps = per_point([[m, (w + 3) * m] for _, w in spatial_shapes], compute)[0]
+    steps = torch.eye(lp, dtype=compute, device=device).repeat(2, 1)
+    steps = steps * axis_steps.reshape(2 * lp, 1)
     # Row of padded pixel (0, 0) of level l, batch b, head h: (b·S' + start_l)·M + h.
     base = (per_point([[start * m] for start in starts], torch.int64)
             + torch.arange(m, device=device).view(m, 1, 1)
             + torch.arange(n, device=device).view(n, 1, 1, 1) * (padded.shape[1] * m))
     base = base.view(n, 1, m, lp)
+    # Corners (y, x) in {0, 1}²: the top-left's row + y·(step y) + x·(step x), [4, L·P].
+    step_x, step_y = axis_steps.to(torch.int64)
+    corners = torch.stack([torch.zeros_like(step_x), step_x, step_y, step_y + step_x])
 
-    # Padded pixel coordinates (the centre of pixel i at i + 1), clamped into [0, size + 1]:
-    # the corners p0 and p0 + 1 then lie in the padded map, and a point clamped from
-    # further out (or infinite) falls on its zero border.
-    pix = _planar(sampling_locations, compute) * sizes + 0.5
-    pix = torch.minimum(pix.clamp(min=0.0), sizes + 1)
-    p0 = pix.floor()
-    frac = pix - p0  # NaN for a NaN location: NaN weights, NaN out (as grid_sample)
-    # A NaN location would make an invalid row: it reads row 0 instead, with NaN weights.
-    p0 = torch.where(p0 == p0, p0, torch.zeros_like(p0))
-    rows = (p0.to(torch.int64) * steps).sum(3) + base  # [N, Lq, M, L·P], top-left corners
-    # Corners (y, x) in {0, 1}²: rows + y·(step y) + x·(step x): [N, Lq, M, 2 y, 2 x, L·P]
-    zero = torch.zeros_like(steps[:, 0])
-    offsets = torch.stack([zero, steps[:, 0], steps[:, 1], steps[:, 1] + steps[:, 0]], 1)
-    index = rows[:, :, :, None, None, :] + offsets.view(m, 2, 2, lp)
+    # Clamped into [0, size + 1]: the corners p0 and p0 + 1 then lie in the padded map, and
+    # a point clamped from further out (or infinite) falls on its zero border.
+    xy = torch.minimum(pix.to(compute).clamp(min=0.0), upper)
+    p0 = xy.floor()
+    frac = (xy - p0).view(-1, 2, lp)  # NaN for a NaN coordinate: NaN weights, NaN out
+    # Top-left rows, Σ_axes p0 · step: exact in float (integers below 2**24). A NaN
+    # coordinate makes its (query, head)'s rows NaN: they read row 0 (with NaN weights).
+    rows = torch.matmul(p0.view(n, lq, m, 2 * lp), steps)
+    rows = (torch.where(rows == rows, rows, 0.0).to(torch.int64) + base).view(-1, lp)
+    attn = attn.to(compute).reshape(-1, 1, lp)
 
-    attn = attention_weights.to(compute).reshape(n, lq, m, 1, lp)
-    fx, fy = frac[:, :, :, 0:1], frac[:, :, :, 1:2]
-    fy = fy * attn
-    wx = torch.cat((1 - fx, fx), 3)  # [N, Lq, M, 2 x, L·P]
-    wy = torch.cat((attn - fy, fy), 3)  # [N, Lq, M, 2 y, L·P], attention included
-    weights = wy[:, :, :, :, None] * wx[:, :, :, None]  # [N, Lq, M, 2 y, 2 x, L·P]
-
-    k = 4 * lp
-    index, weights = index.reshape(-1, k), weights.reshape(-1, k)
     total = n * lq * m
     outs = []
     for i in range(PIECES):
         # Bounds computed, not tensor_split's, which would fix the rows' remainder modulo
         # PIECES while exporting.
         lo, hi = i * total // PIECES, (i + 1) * total // PIECES
-        gathered = table.index_select(0, index[lo:hi].reshape(-1)).view(-1, k, d)
-        outs.append(torch.matmul(weights[lo:hi, None], gathered))  # [rows, 1, D]
+        index = rows[lo:hi, None] + corners  # [rows, 4, L·P]
+        f, a = frac[lo:hi], attn[lo:hi]
+        fx, fy = f[:, 0:1], f[:, 1:2] * a
+        wx = torch.cat((1 - fx, fx), 1)  # [rows, 2 x, L·P]
+        wy = torch.cat((a - fy, fy), 1)  # [rows, 2 y, L·P], attention included
+        weights = wy[:, :, None] * wx[:, None]  # [rows, 2 y, 2 x, L·P]
+        gathered = table.index_select(0, index.reshape(-1)).view(-1, 4 * lp, d)
+        outs.append(torch.matmul(weights.view(-1, 1, 4 * lp), gathered))  # [rows, 1, D]
     return torch.cat(outs).view(n, lq, m * d).to(value.dtype)

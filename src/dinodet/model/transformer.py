@@ -13,6 +13,18 @@ from dinodet.model.position import sine_box_embedding
 from dinodet.model.tracing import exporting
 
 
+def add_norm(norm: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """``norm(x + y)``; while exporting, the sum is reshaped to rows before the norm, which
+    keeps onnxruntime from fusing the Add and the LayerNormalization into its
+    SkipLayerNormalization: on CPU that kernel took 3.4-4x the time of the two ops (62-89
+    against 18-25 ms for [1, 18071, 256] on 2 threads, alternating in one run), 0.4-0.5 s of
+    an 800×1088 image's 12 encoder norms."""
+    total = x + y
+    if exporting():
+        return norm(total.reshape(-1, total.shape[-1])).view(total.shape)
+    return norm(total)
+
+
 class FFN(nn.Module):
     """Linear → ReLU → Linear, added back and layer-normed (post-norm).
 
@@ -34,7 +46,7 @@ class FFN(nn.Module):
     def _block(self, x: Tensor) -> Tensor:
         h = linear_relu(self.linear1, x)
         y = self.dropout(self.linear2(self.dropout(h)))
-        return self.norm(x + y)
+        return add_norm(self.norm, x, y)
 
     def forward(self, x: Tensor) -> Tensor:
         rows = max(1, self.CPU_CHUNK_ELEMENTS // self.linear1.out_features)
@@ -62,7 +74,7 @@ class EncoderLayer(nn.Module):
     def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor,
                 spatial_shapes: list[tuple[int, int]], padding_mask: Tensor | None) -> Tensor:
         attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, padding_mask)
-        src = self.self_attn_norm(src + self.dropout(attn))
+        src = add_norm(self.self_attn_norm, src, self.dropout(attn))
         return self.ffn(src)
 
 
@@ -132,10 +144,10 @@ class DecoderLayer(nn.Module):
                 self_attn_mask: Tensor | None) -> Tensor:
         q = k = tgt + query_pos
         attn = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=False)[0]
-        tgt = self.self_attn_norm(tgt + self.dropout(attn))
+        tgt = add_norm(self.self_attn_norm, tgt, self.dropout(attn))
         attn = self.cross_attn(tgt + query_pos, reference_boxes, memory, spatial_shapes,
                                memory_padding_mask)
-        tgt = self.cross_attn_norm(tgt + self.dropout(attn))
+        tgt = add_norm(self.cross_attn_norm, tgt, self.dropout(attn))
         return self.ffn(tgt)
 
 
