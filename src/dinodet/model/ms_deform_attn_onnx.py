@@ -13,10 +13,10 @@ with the bilinear × attention weights (onnxruntime runs that several times fast
 Mul and a ReduceSum, which write the gathered rows once more).
 
 Unlike ``embedding_bag``, the Gather writes the gathered rows (N·Lq·M·4·L·P·D values, 1.2 GB
-for the encoder of an 800×1088 image) before the matmul reads them, so the queries are
-taken in :data:`PIECES` slices, onnxruntime then holding one slice's rows at a time. A
-slice's indices and weights are computed from its own coordinates (slicing the full-size
-index and weight tensors instead copies them once more).
+for the encoder of an 800×1088 image) before the matmul reads them, so the (batch, query,
+head) rows are taken in :data:`PIECES` slices, onnxruntime then holding one slice's gathered
+rows at a time. A slice's corner indices and weights are computed from its own top-left rows
+and fractions (slicing full-size index and weight tensors instead copies them once more).
 
 onnxruntime's elementwise ops cost about as much per element as the Gather, and more on a
 trailing size-2 axis or a broadcast: coordinates are "planar", [N, Lq, M, axis (x, y), L·P],
@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# The queries are sampled in this many slices. Under onnxruntime (2 threads, the encoder
-# attention of an 800×1088 image) one slice peaks at 1.4 GB over the inputs, 4 at 0.55 GB,
-# 8 at 0.35 GB (GridSample per level: 0.3 GB); each doubling of the slices cost 3 to 5 %
-# of the time.
+# The (batch, query, head) rows are sampled in this many slices. Under onnxruntime (2
+# threads, the encoder attention of an 800×1088 image) one slice peaks at 1.4 GB over the
+# inputs, 4 at 0.55 GB, 8 at 0.35 GB (GridSample per level: 0.3 GB); each doubling of the
+# slices cost 3 to 5 % of the time.
 PIECES = 4
 
 
