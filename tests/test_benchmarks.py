@@ -23,7 +23,7 @@ sys.path.insert(0, str(BENCHMARKS))  # what `python benchmarks/X.py` does for th
 import common  # noqa: E402
 
 SCRIPTS = ["bench_inference.py", "bench_train.py", "bench_detect.py", "bench_gpu.py",
-           "bench_ms_deform_attn_gpu.py", "bench_vs_original.py"]
+           "bench_ms_deform_attn_gpu.py", "bench_vs_original.py", "bench_onnx_attention.py"]
 
 
 def _run(*args: str, timeout: float) -> subprocess.CompletedProcess:
@@ -263,6 +263,32 @@ def test_bench_int8_end_to_end(tmp_path: Path) -> None:
     assert groups["linear"] > 0 and groups["convolution"] > 0 and groups["quantise input"] > 0
     help_run = _run("benchmarks/bench_int8.py", "--help", timeout=120)
     assert help_run.stdout.startswith("usage:") and "--json" in help_run.stdout
+
+
+def test_bench_onnx_attention_end_to_end(tmp_path: Path) -> None:
+    """The exported layer matches PyTorch, both are timed, and the profile finds the corner
+    Gather and the bytes it writes (N·Lq·M·4·L·P·D float32 values)."""
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "attention.json"
+    proc = _run("benchmarks/bench_onnx_attention.py", "--hw", "96x64", "--repeats", "2",
+                "--threads", "1", "--json", str(out), timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"wrote {out}" in proc.stdout and "the corner Gather wrote" in proc.stdout
+    results = json.loads(out.read_text())["results"]
+    assert results["level_shapes"] == [[12, 8], [6, 4], [3, 2], [2, 1]]
+    queries = 12 * 8 + 6 * 4 + 3 * 2 + 2 * 1
+    assert results["queries"] == queries and results["max_abs_diff"] < 1e-4
+    assert results["gathered_values"] == queries * 8 * 4 * 16 * 32
+    assert results["onnxruntime_profile"]["gather_bytes"] == 4 * results["gathered_values"]
+    timings = results["timings"]
+    assert list(timings) == ["pytorch", "onnxruntime"]
+    assert timings["pytorch"]["ratio_vs_baseline"] == 1.0
+    assert all(len(t["runs_s"]) == 2 and t["median_s"] > 0 for t in timings.values())
+    assert results["onnxruntime_profile"]["ms"]["corner MatMul"] > 0
+    assert results["pytorch_profile"]["ms"]["embedding_bag"] > 0
+    bad = _run("benchmarks/bench_onnx_attention.py", "--hw", "800", timeout=120)
+    assert bad.returncode == 2 and "--hw must be HxW" in bad.stderr
 
 
 def test_sliced_example_draws_more_detections_sliced_than_unsliced(tmp_path):
