@@ -193,3 +193,59 @@ def test_an_exported_file_slices_like_the_detector(onnx_file, model_dir):
     torch.testing.assert_close(scores, found.scores, atol=1e-3, rtol=0)
     assert torch.equal(labels, found.labels)
     torch.testing.assert_close(boxes, found.boxes, atol=0.5, rtol=0)
+
+
+def test_optimize_onnx_folds_and_rewrites_but_never_matches_several_output_nodes(monkeypatch):
+    """Constants folded and no-op nodes removed, as onnxscript's optimizer does, but no
+    pattern of several output nodes (``SlicesSplit``) is matched: onnxscript matches those
+    against every node at every node, minutes on the exported r50-4scale."""
+    import numpy as np
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxscript import optimizer
+    from onnxscript.rewriter import _matcher
+
+    from dinodet.export import optimize_onnx
+
+    def graph() -> ir.Model:
+        def const(name, value):
+            return helper.make_node("Constant", [], [name],
+                                    value=numpy_helper.from_array(value, name))
+
+        nodes = [
+            const("a", np.ones(4, np.float32)), const("b", np.full(4, 2.0, np.float32)),
+            helper.make_node("Add", ["a", "b"], ["ab"]),  # foldable: 3.0
+            helper.make_node("Add", ["x", "ab"], ["y"]),
+            helper.make_node("Identity", ["y"], ["y1"]),  # a no-op
+            const("s0", np.array([0])), const("s2", np.array([2])), const("s4", np.array([4])),
+            const("ax", np.array([0])),
+            helper.make_node("Slice", ["x", "s0", "s2", "ax"], ["lo"]),
+            helper.make_node("Slice", ["x", "s2", "s4", "ax"], ["hi"]),
+            helper.make_node("Mul", ["lo", "hi"], ["z"]),
+        ]
+        outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [n])
+                   for name, n in (("y1", 4), ("z", 2))]
+        g = helper.make_graph(nodes, "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              outputs)
+        proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+        return ir.serde.deserialize_model(proto)
+
+    multi: list[int] = []
+    real = _matcher.SimplePatternMatcher._multi_match
+
+    def counted(self, *args, **kwargs):
+        multi.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(_matcher.SimplePatternMatcher, "_multi_match", counted)
+    ours, theirs = graph(), graph()
+    optimize_onnx(ours)
+    assert multi == []
+    assert [n.op_type for n in ours.graph] == ["Add", "Slice", "Slice", "Mul"]
+    folded = [v.const_value.numpy().tolist() for v in ours.graph.initializers.values()
+              if v.const_value is not None and v.const_value.numpy().size == 4]
+    assert folded == [[3.0] * 4]  # Add(a, b); the Identity is gone
+    optimizer.optimize_ir(theirs)
+    assert multi  # onnxscript's own optimizer does match them
+    assert [n.op_type for n in theirs.graph] == [n.op_type for n in ours.graph]
