@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import dinodet
-from common import timed, write_json
+from common import ort_session_options, timed, write_json
 from dinodet.data.transforms import EvalTransform
 from dinodet.export import export_model
 from dinodet.predict import Detector
@@ -54,13 +54,8 @@ def bench_model(name: str, height: int, width: int, repeats: int, warmup: int,
     export_s = time.perf_counter() - t0
 
     det = Detector(model, transform=EvalTransform(min(height, width), max(height, width)))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    # onnxruntime's pool threads spin for a while after each run, waiting for work: in
-    # alternating runs they would take the CPU from the Detector's next run (which then
-    # measured 1.6x slower than alone). Without spinning each side runs as it does alone.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(onnx_path), ort_session_options(threads),
+                                   providers=["CPUExecutionProvider"])
 
     image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8,
                           generator=torch.Generator().manual_seed(1))

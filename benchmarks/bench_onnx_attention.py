@@ -32,7 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from common import print_table, summarize, timed, write_json
+from common import ort_session_options, print_table, summarize, timed, write_json
+from dinodet.export import optimize_onnx
 from dinodet.model.ms_deform_attn import MSDeformAttn
 
 BASELINE = "pytorch"
@@ -83,8 +84,10 @@ def gathered_values(tokens: int) -> int:
 
 def export(layer: EncoderAttention, inputs: tuple[Tensor, ...], path: Path, opset: int
            ) -> Path:
+    """The layer as ``dinodet export`` writes a model: optimised by :func:`optimize_onnx`."""
     program = torch.onnx.export(layer, inputs, dynamo=True, opset_version=opset,
-                                verbose=False)
+                                verbose=False, optimize=False)
+    optimize_onnx(program.model)
     program.save(str(path))
     return path
 
@@ -94,7 +97,7 @@ def ort_profile(session_path: Path, feeds: dict[str, Any], threads: int, workdir
     """Kernel milliseconds of one run by part, and the bytes the corner Gathers wrote."""
     import onnxruntime as ort
 
-    options = _options(ort, threads)
+    options = ort_session_options(threads)
     options.enable_profiling = True
     options.profile_file_prefix = str(workdir / "ort")
     session = ort.InferenceSession(str(session_path), options,
@@ -145,21 +148,13 @@ def torch_profile(layer: nn.Module, inputs: tuple[Tensor, ...]) -> dict[str, Any
     return {"ms": dict(parts.most_common())}
 
 
-def _options(ort: Any, threads: int) -> Any:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    # Pool threads that spin after a run would take the CPU from the next PyTorch run.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return options
-
-
 def bench(height: int, width: int, repeats: int, threads: int, opset: int,
           workdir: Path) -> dict[str, Any]:
     import onnxruntime as ort
 
     layer, inputs = make_layer(height, width)
     path = export(layer, inputs, workdir / "attention.onnx", opset)
-    session = ort.InferenceSession(str(path), _options(ort, threads),
+    session = ort.InferenceSession(str(path), ort_session_options(threads),
                                    providers=["CPUExecutionProvider"])
     feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)}
     with torch.no_grad():

@@ -4,7 +4,8 @@
   versions, machine, threads, CUDA device, git commit), atomically.
 * :func:`timed`, :func:`stats`, :func:`summarize` and :func:`print_table`: seconds of one
   call, the median / min / max of repeated runs (with their ratio to a baseline), and the
-  table of them that the CPU benchmarks print.
+  table of them that the CPU benchmarks print; :func:`ort_session_options`, onnxruntime
+  set up to alternate with PyTorch.
 * :func:`original_style_ms_deform_attn` and :func:`original_attention`: the original DINO's
   pure-PyTorch deformable-attention algorithm, and a context manager that runs it inside a
   dinodet model, as the baseline of ``bench_inference.py`` and ``bench_train.py``.
@@ -41,6 +42,7 @@ __all__ = [
     "meta",
     "original_attention",
     "original_style_ms_deform_attn",
+    "ort_session_options",
     "print_table",
     "stats",
     "summarize",
@@ -179,6 +181,20 @@ def print_table(results: Mapping[str, Mapping[str, Any]], median_label: str = "m
                 f"{res['max_s']:>7.2f} {f'{ratio:.2f}x' if ratio else '-':>11}")
         line += "".join(f" {fmt(res):>9}" for fmt in extra.values())
         print(line)
+
+
+def ort_session_options(threads: int) -> Any:
+    """onnxruntime ``SessionOptions`` for timing next to PyTorch: ``threads`` intra-op
+    threads that do not spin. The pool's threads spin for a while after each run, waiting
+    for work: in alternating runs they would take the CPU from PyTorch's next run (the
+    Detector then measured 1.6x slower than alone). Without spinning each side runs as it
+    does alone."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
 
 
 # --------------------------------------------------------------------------- baseline

@@ -259,19 +259,19 @@ def optimize_onnx(model: Any, iterations: int = 2) -> None:
     several output nodes (onnxscript's ``SlicesSplit``, two Slices into one Split).
 
     onnxscript matches such a pattern at every node by scanning every node: quadratic in
-    the graph's size, 10 of the 12 minutes of exporting r50-4scale (15,600 nodes after
+    the graph's size: 597 of the 766 s of exporting r50-4scale (15,600 nodes after
     folding) on a 2-core CPU; every other rule matches at its node only. Where onnxscript
-    lacks what this relies on, its whole optimizer runs instead.
+    lacks what this relies on (its rule list, their patterns, ``fold_constants``), its
+    whole optimizer runs instead.
     """
     import onnx_ir as ir
     import onnx_ir.passes.common as common
     from onnxscript import optimizer, rewriter
 
-    rules = getattr(rewriter, "_DEFAULT_REWRITE_RULES", None)
-    local = [rule for rule in rules or ()
+    local = [rule for rule in getattr(rewriter, "_DEFAULT_REWRITE_RULES", ())
              if getattr(getattr(rule, "_target_pattern", None), "has_single_output_node",
                         None) is True]
-    if not rules or not hasattr(optimizer, "fold_constants"):
+    if not local or not hasattr(optimizer, "fold_constants"):
         optimizer.optimize_ir(model)
         return
     rewrite = rewriter.RewritePass(local)
