@@ -13,6 +13,12 @@ the machine's noise alike:
 
     python benchmarks/bench_detect.py --repeats 5 --json detect.json
     python benchmarks/bench_detect.py --models cpu-small --repeats 20
+
+``--also-onnx LABEL=FILE`` times another ONNX file of the same model in the same
+alternation, e.g. one exported by an older commit (``git worktree add /tmp/old COMMIT``,
+then ``PYTHONPATH=/tmp/old/src python -c "import torch, dinodet; torch.manual_seed(0);
+dinodet.export.export_model(dinodet.build_model('r50-4scale').eval(), 'old.onnx')"``):
+a before/after of the export measured side by side, as a ratio to the same ``Detector``.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ def _median_ips(times: list[float]) -> float:
 
 
 def bench_model(name: str, height: int, width: int, repeats: int, warmup: int,
-                threads: int, workdir: Path) -> dict:
+                threads: int, workdir: Path, also: dict[str, str] | None = None) -> dict:
     import onnxruntime as ort
 
     torch.manual_seed(0)
@@ -68,6 +74,10 @@ def bench_model(name: str, height: int, width: int, repeats: int, warmup: int,
         session.run(None, {"images": array})
 
     runners = {"Detector": run_detector, "onnxruntime": run_onnx}
+    for label, path in (also or {}).items():
+        other = ort.InferenceSession(path, ort_session_options(threads),
+                                     providers=["CPUExecutionProvider"])
+        runners[label] = lambda other=other: other.run(None, {"images": array})
     for run in runners.values():
         for _ in range(warmup):
             run()
@@ -80,8 +90,12 @@ def bench_model(name: str, height: int, width: int, repeats: int, warmup: int,
     for key, ts in times.items():
         result[key] = {"images_per_s": _median_ips(ts), "median_s": statistics.median(ts),
                        "min_s": min(ts), "max_s": max(ts), "times_s": ts}
-    result["onnx_over_detector"] = (result["onnxruntime"]["images_per_s"]
-                                    / result["Detector"]["images_per_s"])
+    for key in runners:
+        if key != "Detector":
+            result[key]["over_detector"] = (result[key]["images_per_s"]
+                                            / result["Detector"]["images_per_s"])
+    result["onnx_over_detector"] = result["onnxruntime"]["over_detector"]
+    result["also_onnx"] = dict(also or {})
     return result
 
 
@@ -92,7 +106,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2, help="torch and onnxruntime threads")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--also-onnx", action="append", default=[], metavar="LABEL=FILE",
+                        help="another ONNX file of the (one) model to alternate with, "
+                             "e.g. one exported by an older commit")
     args = parser.parse_args(argv)
+    also = {}
+    for item in args.also_onnx:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not Path(path).is_file():
+            parser.error(f"--also-onnx {item!r}: give LABEL=FILE of an existing file")
+        if label in ("Detector", "onnxruntime"):
+            parser.error(f"--also-onnx label {label!r} is taken")
+        also[label] = path
+    if also and len(args.models) != 1:
+        parser.error("--also-onnx times a file of one model: give one --models")
     try:
         import onnxruntime
     except ImportError:
@@ -106,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} at {h}x{w}: exporting, then {args.repeats} alternating runs ...",
                   flush=True)
             results.append(bench_model(name, h, w, args.repeats, args.warmup, args.threads,
-                                       Path(tmp)))
+                                       Path(tmp), also))
     print(f"\ntorch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
           f"{args.threads} threads, {platform.processor() or platform.machine()}, batch 1")
     print(f"{'model':<12} {'size':>10} {'Detector img/s':>15} {'onnxruntime img/s':>18} "
@@ -115,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['model']:<12} {r['height']:>4}x{r['width']:<5} "
               f"{r['Detector']['images_per_s']:>15.3f} "
               f"{r['onnxruntime']['images_per_s']:>18.3f} {r['onnx_over_detector']:>6.2f}")
+        for label in r["also_onnx"]:
+            print(f"  {label}: {r[label]['images_per_s']:.3f} img/s, "
+                  f"{r[label]['over_detector']:.2f} of the Detector's")
     if args.json:
         settings = {k: v for k, v in vars(args).items() if k != "json"}
         write_json(args.json, "bench_detect", settings, results)

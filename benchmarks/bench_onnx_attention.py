@@ -1,16 +1,18 @@
 """Where the ONNX file loses to PyTorch on CPU: one encoder layer's deformable attention,
 PyTorch (``embedding_bag``, gathering and summing in one pass) against its ONNX export under
-onnxruntime (one ``Gather`` of corner rows, then a ``MatMul`` by their weights), side by side.
+onnxruntime (a ``Scan`` over steps of rows, each a ``Gather`` of corner rows and a ``MatMul``
+by their weights), side by side.
 
 It builds one ``MSDeformAttn`` of the r50-4scale encoder (256 channels, 8 heads, 4 levels,
 4 points; random weights, the offsets spread over a few pixels), with the four levels of
-an H×W image (strides 8 to 64) and one query per value, as in the encoder; exports it to
-ONNX (the export path, ``ms_deform_attn_onnx``), checks the file against PyTorch, then
-alternates the two, ``--repeats`` times each. One more run of each under a profiler splits
-its time: for onnxruntime, the corner ``Gather``, the ``MatMul`` that sums the corner rows,
-the projections' ``Gemm`` and the rest; for PyTorch, ``embedding_bag``, the Linear layers
-and the rest. The ``Gather`` writes N·Lq·M·4·L·P·D float32 values (1.2 GB at 800×1088)
-that the ``MatMul`` reads back; the printed GB/s is what onnxruntime achieves on them.
+an H×W image (strides 8 to 64) and one query per value at its own pixel, as in the
+encoder; exports it as ``dinodet export`` does (:func:`dinodet.export.to_onnx`), checks
+the file against PyTorch, then alternates the two, ``--repeats`` times each. One more run
+of each under a profiler splits its time: for onnxruntime, the corner ``Gather``, the
+``MatMul`` that sums the corner rows, the projections' ``Gemm`` and the rest; for PyTorch,
+``embedding_bag``, the Linear layers and the rest. The ``Gather`` writes N·Lq·M·4·L·P·D
+float32 values (1.2 GB at 800×1088, a step's 2 MB at a time) that the ``MatMul`` reads
+back; the printed GB/s is what onnxruntime achieves on them.
 
     python benchmarks/bench_onnx_attention.py --repeats 5 --json attention.json
     python benchmarks/bench_onnx_attention.py --hw 512x512 --threads 1
@@ -33,8 +35,9 @@ import torch
 from torch import Tensor, nn
 
 from common import ort_session_options, print_table, summarize, timed, write_json
-from dinodet.export import optimize_onnx
+from dinodet.export import to_onnx
 from dinodet.model.ms_deform_attn import MSDeformAttn
+from dinodet.model.transformer import Encoder
 
 BASELINE = "pytorch"
 DIM, HEADS, LEVELS, POINTS = 256, 8, 4, 4
@@ -64,7 +67,8 @@ class EncoderAttention(nn.Module):
 
 def make_layer(height: int, width: int, seed: int = 0
                ) -> tuple[EncoderAttention, tuple[Tensor, Tensor, Tensor]]:
-    """The layer and its inputs: one query per value, reference points anywhere."""
+    """The layer and its inputs: one query per value, each at its own pixel's centre on
+    every level (the encoder's reference points, no padding)."""
     torch.manual_seed(seed)
     attention = MSDeformAttn(DIM, LEVELS, HEADS, POINTS).eval()
     with torch.no_grad():  # offsets of a few pixels that differ between queries
@@ -72,8 +76,8 @@ def make_layer(height: int, width: int, seed: int = 0
         attention.attention_weights.weight.normal_(0, 0.05)
     shapes = level_shapes(height, width)
     tokens = sum(h * w for h, w in shapes)
-    inputs = (torch.randn(1, tokens, DIM), torch.rand(1, tokens, LEVELS, 2),
-              torch.randn(1, tokens, DIM))
+    reference = Encoder.reference_points(shapes, torch.ones(1, LEVELS, 2))
+    inputs = (torch.randn(1, tokens, DIM), reference, torch.randn(1, tokens, DIM))
     return EncoderAttention(attention, shapes).eval(), inputs
 
 
@@ -84,10 +88,8 @@ def gathered_values(tokens: int) -> int:
 
 def export(layer: EncoderAttention, inputs: tuple[Tensor, ...], path: Path, opset: int
            ) -> Path:
-    """The layer as ``dinodet export`` writes a model: optimised by :func:`optimize_onnx`."""
-    program = torch.onnx.export(layer, inputs, dynamo=True, opset_version=opset,
-                                verbose=False, optimize=False)
-    optimize_onnx(program.model)
+    """The layer as ``dinodet export`` writes a model (:func:`dinodet.export.to_onnx`)."""
+    program = to_onnx(layer, inputs, opset=opset)
     program.save(str(path))
     return path
 
@@ -114,9 +116,11 @@ def ort_profile(session_path: Path, feeds: dict[str, Any], threads: int, workdir
                 and start <= e["ts"] <= end):
             continue
         op = e["args"]["op_name"]
+        if op in ("Scan", "Loop"):  # their body's nodes are counted one by one
+            continue
         shapes = [next(iter(d.values())) for d in e["args"].get("output_type_shape", [])]
         out = shapes[0] if shapes else []
-        if op == "Gather" and len(out) == 2 and out[1] == DIM // HEADS:
+        if op == "Gather" and len(out) in (2, 3) and out[-1] == DIM // HEADS:
             part = "corner Gather"
             gather_bytes += 4 * math.prod(out)
         elif op == "MatMul" and len(out) == 3 and out[1] == 1:

@@ -301,3 +301,12 @@ def test_sliced_example_draws_more_detections_sliced_than_unsliced(tmp_path):
     assert sliced > unsliced
     with Image.open(out) as image:
         assert image.size == (800, 600)
+
+
+def test_bench_detect_names_a_bad_also_onnx(tmp_path: Path) -> None:
+    missing = tmp_path / "old.onnx"
+    proc = _run("benchmarks/bench_detect.py", "--also-onnx", f"old={missing}", timeout=120)
+    assert proc.returncode == 2 and f"--also-onnx 'old={missing}'" in proc.stderr
+    missing.write_bytes(b"")
+    proc = _run("benchmarks/bench_detect.py", "--also-onnx", f"old={missing}", timeout=120)
+    assert proc.returncode == 2 and "give one --models" in proc.stderr

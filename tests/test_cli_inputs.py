@@ -353,7 +353,7 @@ def test_a_failing_export_leaves_no_temporary_file(fmt, tmp_path, monkeypatch):
 
         class HalfSaved:  # an exported program whose save fails half way, side file and all
             def __init__(self):
-                self.model = type("Model", (), {"metadata_props": {}})()
+                self.model = type("Model", (), {"metadata_props": {}, "graph": []})()
 
             def save(self, path):
                 Path(path).write_bytes(b"partial")
@@ -361,7 +361,7 @@ def test_a_failing_export_leaves_no_temporary_file(fmt, tmp_path, monkeypatch):
                 raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
         monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: HalfSaved())
-        # the stand-in program has no graph to optimise
+        # the stand-in program's graph is empty: no corner sum to chunk, nothing to optimise
         monkeypatch.setattr("dinodet.export.optimize_onnx", lambda model: None)
     else:
         def half_written(program, path, **kwargs):  # write some bytes, then fail

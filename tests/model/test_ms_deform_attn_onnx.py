@@ -217,3 +217,70 @@ def test_module_samples_with_it_while_exporting(monkeypatch, coords):
         got = attn(query, refs, value, shapes, mask)
     assert calls == [1]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_one_corner_sum_op_samples_as_the_pieces_do():
+    """Under ``corner_sum_op`` (what ``dinodet export`` traces) one ``dinodet::corner_sum``
+    sums every corner row; eagerly it is embedding_bag, and agrees with the pieces."""
+    inputs = OTHER
+    want = _Attention(HEADS)(*inputs)
+    with ms_deform_attn_onnx.corner_sum_op():
+        got = _Attention(HEADS)(*inputs)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got, _reference(inputs), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("step_rows", [5, 1000])  # steps of 5 rows (padded), or one step
+def test_export_sums_the_corners_in_a_scan_over_steps(tmp_path, monkeypatch, step_rows):
+    """dinodet's export (to_onnx) turns the traced corner sum into a Scan over steps of
+    rows: standard ops only, dynamic sizes kept, the rows padded to whole steps and cut
+    back (TRACED has 24 (batch, query, head) rows, OTHER 66: neither a multiple of 5)."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from dinodet import export
+
+    row_bytes = 4 * 3 * 2 * DIM * 4  # 4 corners · L · P, D float32 values
+    monkeypatch.setattr(export, "SCAN_STEP_BYTES", step_rows * row_bytes)
+    program = export.to_onnx(_Attention(HEADS).eval(), TRACED,
+                             dynamic_shapes=_dynamic_shapes(3))
+    path = tmp_path / "attention.onnx"
+    program.save(str(path))
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    assert {o.domain for o in proto.opset_import} <= {"", "ai.onnx"}
+    scans = [node for node in proto.graph.node if node.op_type == "Scan"]
+    assert len(scans) == 1
+    body = onnx.helper.get_attribute_value(scans[0].attribute[0])
+    assert [node.op_type for node in body.node] == ["Gather", "MatMul"]
+    assert [d.dim_value for d in body.input[0].type.tensor_type.shape.dim] == [step_rows, 24]
+    assert not any(p.key == export.CORNER_SUM_KEY for n in proto.graph.node
+                   for p in n.metadata_props)  # the marks are gone
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for inputs in (TRACED, OTHER):
+        maps, loc, w = inputs
+        arrays = [t.numpy() for t in (*maps, loc, w)]
+        feeds = {i.name: a for i, a in zip(session.get_inputs(), arrays)}
+        (out,) = session.run(None, feeds)
+        torch.testing.assert_close(torch.from_numpy(out), _reference(inputs), atol=1e-5,
+                                   rtol=1e-5)
+
+
+def test_chunking_refuses_a_corner_sum_it_does_not_recognise():
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    from dinodet.export import CORNER_SUM_KEY, chunk_corner_sums
+
+    shape = helper.make_node("Constant", [], ["s"],
+                             value=helper.make_tensor("s", TensorProto.INT64, [2], [-1, 2]))
+    node = helper.make_node("Reshape", ["x", "s"], ["y"])
+    graph = helper.make_graph([shape, node, helper.make_node("Relu", ["y"], ["z"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 2])])
+    model = ir.serde.deserialize_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    assert chunk_corner_sums(model) == 0  # nothing marked: nothing changed
+    next(n for n in model.graph if n.op_type == "Reshape").metadata_props[CORNER_SUM_KEY] = "1"
+    with pytest.raises(RuntimeError, match="is not Gather -> MatMul -> Reshape"):
+        chunk_corner_sums(model)
+    assert [n.op_type for n in model.graph] == ["Constant", "Reshape", "Relu"]  # untouched

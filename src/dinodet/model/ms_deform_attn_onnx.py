@@ -17,6 +17,10 @@ for the encoder of an 800×1088 image) before the matmul reads them, so the (bat
 head) rows are taken in :data:`PIECES` slices, onnxruntime then holding one slice's gathered
 rows at a time. A slice's corner indices and weights are computed from its own top-left rows
 and fractions (slicing full-size index and weight tensors instead copies them once more).
+``dinodet export`` does better (:func:`corner_sum_op`): all the rows' indices and weights
+go to one op, ``dinodet::corner_sum``, which the ONNX export makes a Scan over steps of
+2 MB of gathered rows (:func:`dinodet.export.chunk_corner_sums`); onnxruntime keeps a
+step's rows in cache between its Gather and its MatMul.
 
 onnxruntime's elementwise ops cost about as much per element as the Gather, and more on a
 trailing size-2 axis or a broadcast: coordinates are "planar", [N, Lq, M, axis (x, y), L·P],
@@ -30,6 +34,10 @@ coordinates straight from its offsets (no normalised locations in between);
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -39,6 +47,42 @@ from torch import Tensor
 # inputs, 4 at 0.55 GB, 8 at 0.35 GB (GridSample per level: 0.3 GB); each doubling of the
 # slices cost 3 to 5 % of the time.
 PIECES = 4
+
+_CORNER_SUM_OP = contextvars.ContextVar("dinodet_corner_sum_op", default=False)
+
+
+@contextlib.contextmanager
+def corner_sum_op() -> Iterator[None]:
+    """Within it, :func:`sample` sums all its corner rows with one :func:`corner_sum` (the
+    op ``dinodet::corner_sum``) instead of :data:`PIECES` Gathers and MatMuls: the ONNX
+    export (:func:`dinodet.export.to_onnx`) makes that op a Scan over small steps of rows
+    (:func:`dinodet.export.chunk_corner_sums`), whose gathered rows onnxruntime keeps in
+    cache."""
+    token = _CORNER_SUM_OP.set(True)
+    try:
+        yield
+    finally:
+        _CORNER_SUM_OP.reset(token)
+
+
+@torch.library.custom_op("dinodet::corner_sum", mutates_args=())
+def corner_sum(table: Tensor, index: Tensor, weights: Tensor) -> Tensor:
+    """Weighted sums of table rows: ``out[r] = Σ_k weights[r, k] · table[index[r, k]]``.
+
+    Args:
+        table: [T, D].
+        index: [R, K] int64 rows of ``table``.
+        weights: [R, K] in the dtype of ``table``.
+
+    Returns:
+        [R, D].
+    """
+    return F.embedding_bag(index, table, mode="sum", per_sample_weights=weights)
+
+
+@corner_sum.register_fake
+def _corner_sum_shape(table: Tensor, index: Tensor, weights: Tensor) -> Tensor:
+    return table.new_empty((index.shape[0], table.shape[1]))
 
 
 def _planar(sampling_locations: Tensor, compute: torch.dtype) -> Tensor:
@@ -136,6 +180,7 @@ def sample(value: Tensor, spatial_shapes: list[tuple[int, int]], pix: Tensor,
     starts = [0]
     for h, w in spatial_shapes[:-1]:
         starts.append(starts[-1] + (h + 3) * (w + 3))
+    one_op = _CORNER_SUM_OP.get()
 
     def per_point(per_level: list[list[int]], dtype: torch.dtype) -> Tensor:
         return _per_point(per_level, num_points, m, dtype, device)
@@ -165,6 +210,13 @@ def sample(value: Tensor, spatial_shapes: list[tuple[int, int]], pix: Tensor,
     rows = (torch.where(rows == rows, rows, 0.0).to(torch.int64) + base).view(-1, lp)
     attn = attn.to(compute).reshape(-1, 1, lp)
 
+    if one_op:
+        fx, fy = frac[:, 0:1], frac[:, 1:2] * attn
+        weights = (torch.cat((attn - fy, fy), 1)[:, :, None]
+                   * torch.cat((1 - fx, fx), 1)[:, None]).view(-1, 4 * lp)  # (y, x, L·P)
+        out = corner_sum(table, (rows[:, None] + corners).view(-1, 4 * lp), weights)
+        return out.view(n, lq, m * d).to(value.dtype)
+
     total = n * lq * m
     outs = []
     for i in range(PIECES):
@@ -178,5 +230,5 @@ def sample(value: Tensor, spatial_shapes: list[tuple[int, int]], pix: Tensor,
         wy = torch.cat((a - fy, fy), 1)  # [rows, 2 y, L·P], attention included
         weights = wy[:, :, None] * wx[:, None]  # [rows, 2 y, 2 x, L·P]
         gathered = table.index_select(0, index.reshape(-1)).view(-1, 4 * lp, d)
-        outs.append(torch.matmul(weights.view(-1, 1, 4 * lp), gathered))  # [rows, 1, D]
+        outs.append(torch.matmul(weights.view(-1, 1, 4 * lp), gathered).view(-1, d))
     return torch.cat(outs).view(n, lq, m * d).to(value.dtype)
