@@ -159,6 +159,18 @@ def _reference(inputs: tuple[list[Tensor], Tensor, Tensor]) -> Tensor:
     return _Attention(HEADS, ms_deform_attn)(*inputs)
 
 
+def _assert_runs_like_pytorch(ort, path) -> None:
+    """The ONNX file under onnxruntime agrees with PyTorch at the traced sizes and others."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for inputs in (TRACED, OTHER):
+        maps, loc, w = inputs
+        arrays = [t.numpy() for t in (*maps, loc, w)]
+        feeds = {i.name: a for i, a in zip(session.get_inputs(), arrays)}
+        (out,) = session.run(None, feeds)
+        torch.testing.assert_close(torch.from_numpy(out), _reference(inputs), atol=1e-5,
+                                   rtol=1e-5)
+
+
 def test_torch_export_keeps_sizes_dynamic():
     program = torch.export.export(_Attention(HEADS), TRACED, dynamic_shapes=_dynamic_shapes(3))
     for inputs in (TRACED, OTHER):
@@ -178,14 +190,7 @@ def test_onnxruntime_matches_pytorch_at_another_size(tmp_path, opset):
     proto = onnx.load(str(path))
     ops = {node.op_type for node in proto.graph.node}
     assert "Gather" in ops and "GridSample" not in ops
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for inputs in (TRACED, OTHER):
-        maps, loc, w = inputs
-        arrays = [t.numpy() for t in (*maps, loc, w)]
-        feeds = {i.name: a for i, a in zip(session.get_inputs(), arrays)}
-        (out,) = session.run(None, feeds)
-        torch.testing.assert_close(torch.from_numpy(out), _reference(inputs), atol=1e-5,
-                                   rtol=1e-5)
+    _assert_runs_like_pytorch(ort, path)
 
 
 @pytest.mark.parametrize("coords", [2, 4])  # points (the encoder) and boxes (the decoder)
@@ -255,14 +260,7 @@ def test_export_sums_the_corners_in_a_scan_over_steps(tmp_path, monkeypatch, ste
     assert [d.dim_value for d in body.input[0].type.tensor_type.shape.dim] == [step_rows, 24]
     assert not any(p.key == export.CORNER_SUM_KEY for n in proto.graph.node
                    for p in n.metadata_props)  # the marks are gone
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for inputs in (TRACED, OTHER):
-        maps, loc, w = inputs
-        arrays = [t.numpy() for t in (*maps, loc, w)]
-        feeds = {i.name: a for i, a in zip(session.get_inputs(), arrays)}
-        (out,) = session.run(None, feeds)
-        torch.testing.assert_close(torch.from_numpy(out), _reference(inputs), atol=1e-5,
-                                   rtol=1e-5)
+    _assert_runs_like_pytorch(ort, path)
 
 
 def test_chunking_refuses_a_corner_sum_it_does_not_recognise():
