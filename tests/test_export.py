@@ -249,3 +249,36 @@ def test_optimize_onnx_folds_and_rewrites_but_never_matches_several_output_nodes
     optimizer.optimize_ir(theirs)
     assert multi  # onnxscript's own optimizer does match them
     assert [n.op_type for n in theirs.graph] == [n.op_type for n in ours.graph]
+
+
+def test_optimize_onnx_keeps_constant_splits_without_warning_of_them(caplog):
+    """onnxscript's folding warns at each Split of a constant it cannot fold (one per
+    layer of the exported model); optimize_onnx keeps the Split and shows no warning."""
+    import logging
+
+    import numpy as np
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    from dinodet.export import optimize_onnx
+
+    nodes = [
+        helper.make_node("Constant", [], ["c"],
+                         value=numpy_helper.from_array(np.arange(4, dtype=np.float32), "c")),
+        helper.make_node("Split", ["c"], ["p", "q"], axis=0, num_outputs=2),
+        helper.make_node("Add", ["x", "p"], ["y"]),
+        helper.make_node("Mul", ["x", "q"], ["z"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in ("y", "z")])
+    model = ir.serde.deserialize_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    with caplog.at_level(logging.WARNING):
+        optimize_onnx(model)
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [n.op_type for n in model.graph] == ["Split", "Add", "Mul"]
+    # The filter is gone afterwards: onnxscript's other warnings still show.
+    logging.getLogger("onnxscript.optimizer._constant_folding").warning(
+        "Skipping constant folding for op Split with multiple outputs.")
+    assert caplog.records[-1].levelno == logging.WARNING

@@ -360,7 +360,9 @@ def chunk_corner_sums(model: Any, step_bytes: int = SCAN_STEP_BYTES) -> int:
         name = f"corner_sum_{count}"
         index_in = ir.Value(name=f"{name}_index", type=ir.TensorType(ir.DataType.INT64),
                             shape=ir.Shape([step, corners]))
-        weights_in = ir.Value(name=f"{name}_weights", type=weights.type,
+        # The weights' dtype is the table's (Unsqueeze's output may carry no type yet).
+        dtype = table.dtype or weights.dtype or ir.DataType.FLOAT
+        weights_in = ir.Value(name=f"{name}_weights", type=ir.TensorType(dtype),
                               shape=ir.Shape([step, 1, corners]))
         body: list[ir.Node] = []
         rows = add("Gather", [table, index_in], body, axis=0)
@@ -404,12 +406,20 @@ def optimize_onnx(model: Any, iterations: int = 2) -> None:
         return
     rewrite = rewriter.RewritePass(local)
     common.InlinePass()(model)
-    for _ in range(iterations):
-        folded = optimizer.fold_constants(model, onnx_shape_inference=True).modified
-        rewritten = rewrite(model).modified
-        removed = common.RemoveUnusedNodesPass()(model).modified
-        if not (folded or rewritten or removed):
-            break
+    # Folding warns at each constant Split it leaves as it is (one per layer): not a
+    # problem of the user's model, not shown.
+    folding_log = logging.getLogger("onnxscript.optimizer._constant_folding")
+    quiet = _DropLog("with multiple outputs")
+    folding_log.addFilter(quiet)
+    try:
+        for _ in range(iterations):
+            folded = optimizer.fold_constants(model, onnx_shape_inference=True).modified
+            rewritten = rewrite(model).modified
+            removed = common.RemoveUnusedNodesPass()(model).modified
+            if not (folded or rewritten or removed):
+                break
+    finally:
+        folding_log.removeFilter(quiet)
     ir.passes.Sequential(
         common.RemoveUnusedFunctionsPass(),
         common.RemoveUnusedOpsetsPass(),
