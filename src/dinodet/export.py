@@ -330,10 +330,11 @@ def chunk_corner_sums(model: Any, step_bytes: int = SCAN_STEP_BYTES) -> int:
             raise RuntimeError(f"corner sum {node.name!r} is a graph output")
         table, index = gather.inputs
         weights = unsqueeze.outputs[0]  # [R, 1, K]
-        corners, width = index.shape[1], table.shape[1]
+        corners = index.shape[1] if index.shape is not None else None
+        width = table.shape[1] if table.shape is not None else None
         if not isinstance(corners, int) or not isinstance(width, int):
-            raise RuntimeError(f"corner sum {node.name!r} has symbolic K or D: "
-                               f"{index.shape}, {table.shape}")
+            raise RuntimeError(f"corner sum {node.name!r} has unknown or symbolic K or D: "
+                               f"indices {index.shape}, table {table.shape}")
         step = max(1, step_bytes // (corners * width * 4))
         made: list[ir.Node] = []
 
@@ -374,7 +375,8 @@ def chunk_corner_sums(model: Any, step_bytes: int = SCAN_STEP_BYTES) -> int:
         made.append(scan)
         out = add("Slice", [add("Reshape", [scan.outputs[0], const([-1, width])]),
                             zero_1d, total, zero_1d])
-        graph.insert_after(unsqueeze, made)
+        # Where the MatMul is: after both the weights and the indices (and the table).
+        graph.insert_before(summed, made)
         ir.convenience.replace_all_uses_with(node.outputs[0], out)
         for dead in (node, summed, gather):
             graph.remove(dead, safe=True)

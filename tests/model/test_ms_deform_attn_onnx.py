@@ -293,3 +293,50 @@ def test_chunking_refuses_a_corner_sum_it_does_not_recognise():
     with pytest.raises(RuntimeError, match="is not Gather -> MatMul -> Reshape"):
         chunk_corner_sums(model)
     assert [n.op_type for n in model.graph] == ["Constant", "Reshape", "Relu"]  # untouched
+
+
+def test_chunking_keeps_the_graph_sorted_whatever_comes_first():
+    """The Scan and its padding go where the corner sum's MatMul was: after the weights and
+    the indices, whichever of the two the graph makes last (here the indices)."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    import numpy as np
+    import onnx_ir as ir
+    import onnx_ir.passes.common as common
+    from onnx import TensorProto, helper, numpy_helper
+
+    from dinodet.export import CORNER_SUM_KEY, chunk_corner_sums
+
+    rows, corners, width, table_rows = 7, 4, 3, 10
+    const = [helper.make_node("Constant", [], [name], value=numpy_helper.from_array(v, name))
+             for name, v in (("axes", np.array([1])), ("flat", np.array([-1, width])))]
+    nodes = [
+        *const,
+        helper.make_node("Unsqueeze", ["w", "axes"], ["w1"]),
+        helper.make_node("Identity", ["i0"], ["i"]),  # the indices, made after the weights
+        helper.make_node("Gather", ["table", "i"], ["g"], axis=0),
+        helper.make_node("MatMul", ["w1", "g"], ["m"]),
+        helper.make_node("Reshape", ["m", "flat"], ["s"]),
+        helper.make_node("Relu", ["s"], ["out"]),
+    ]
+    graph = helper.make_graph(nodes, "g", [
+        helper.make_tensor_value_info("table", TensorProto.FLOAT, [table_rows, width]),
+        helper.make_tensor_value_info("i0", TensorProto.INT64, ["R", corners]),
+        helper.make_tensor_value_info("w", TensorProto.FLOAT, ["R", corners])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["R", width])],
+        value_info=[helper.make_tensor_value_info("i", TensorProto.INT64, ["R", corners])])
+    model = ir.serde.deserialize_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    next(n for n in model.graph if n.op_type == "Reshape").metadata_props[CORNER_SUM_KEY] = "1"
+    assert chunk_corner_sums(model, step_bytes=2 * corners * width * 4) == 1  # 2 rows a step
+    common.NameFixPass()(model)  # names the new values, as to_onnx's optimizer
+    proto = ir.serde.serialize_model(model)
+    onnx.checker.check_model(proto)  # sorted: every input made before it is read
+    rng = np.random.default_rng(0)
+    feed = {"table": rng.standard_normal((table_rows, width), dtype=np.float32),
+            "i0": rng.integers(0, table_rows, (rows, corners)),
+            "w": rng.random((rows, corners), dtype=np.float32)}
+    (out,) = ort.InferenceSession(proto.SerializeToString(),
+                                  providers=["CPUExecutionProvider"]).run(None, feed)
+    expected = np.einsum("rk,rkd->rd", feed["w"], feed["table"][feed["i0"]])
+    np.testing.assert_allclose(out, np.maximum(expected, 0), rtol=1e-6, atol=1e-6)
