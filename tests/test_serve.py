@@ -377,3 +377,25 @@ def test_cli_serve_loads_the_model_and_passes_the_options(model_dir, monkeypatch
             defaults.max_request_bytes) == ("127.0.0.1", 8000, 8, 20 * 1024 * 1024)
     assert main(["serve", str(model_dir), "--device", "nonsense"]) == 2
     assert "--device 'nonsense'" in capsys.readouterr().err
+
+
+def test_cli_serve_resizes_and_runs_int8_as_predict_does(model_dir, monkeypatch, capsys):
+    import dinodet.serve
+    from dinodet.model.quantize import int8_counts
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(dinodet.serve, "serve",
+                        lambda detector, host, port, **options: seen.update(detector=detector))
+    assert main(["serve", str(model_dir), "--size", "320", "--max-size", "480",
+                 "--int8"]) == 0
+    detector = seen["detector"]
+    assert (detector.transform.size, detector.transform.max_limit) == (320, 480)
+    counts = int8_counts(detector.model)
+    assert detector.int8 and counts.int8 > 0 and counts.convs > 0, counts
+    err = capsys.readouterr().err
+    assert "int8, 320 px shorter side up to 480" in err
+    assert "--int8:" in err and "approximate" in err
+    assert main(["serve", str(model_dir), "--size", "600", "--max-size", "500"]) == 2
+    assert "--max-size 500 is smaller than --size 600" in capsys.readouterr().err
+    assert main(["serve", str(model_dir), "--int8", "--device", "meta"]) == 2
+    assert "--int8 runs on the CPU only, not --device meta" in capsys.readouterr().err

@@ -603,6 +603,8 @@ def _report_coco(args: argparse.Namespace, found: dict) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import warnings
+
     import torch
 
     from dinodet.data.images import resolve_max_pixels
@@ -620,14 +622,28 @@ def _serve(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: CUDA is not available on this machine")
     resolve_max_pixels(args.max_image_pixels)  # a bad $DINODET_MAX_IMAGE_PIXELS, now
+    _check_sizes(args.size, args.max_size, "--size")
+    if args.int8 and device.type != "cpu":
+        raise UserError(f"--int8 runs on the CPU only, not --device {args.device}")
+    from dinodet.model.quantize import Int8Warning, int8_counts
     from dinodet.predict import Detector
 
-    detector = Detector.from_pretrained(args.checkpoint, variant=args.variant, device=device,
-                                        weights=args.weights, threshold=args.threshold)
+    with warnings.catch_warnings():  # --int8 says it below, in one line
+        warnings.filterwarnings("ignore", category=Int8Warning)
+        detector = Detector.from_pretrained(args.checkpoint, variant=args.variant,
+                                            device=device, eval_size=args.size,
+                                            max_size=args.max_size, weights=args.weights,
+                                            int8=args.int8, threshold=args.threshold)
     host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"dinodet serve: {args.checkpoint} ({len(detector.class_names)} classes, {device}) "
-          f"at http://{host}:{args.port}/ (POST /detect; batches of up to {args.max_batch}, "
-          f"{args.max_wait_ms} ms wait)", file=sys.stderr, flush=True)
+    transform = detector.transform
+    print(f"dinodet serve: {args.checkpoint} ({len(detector.class_names)} classes, {device}"
+          f"{', int8' if args.int8 else ''}, {transform.size} px shorter side up to "
+          f"{transform.max_limit}) at http://{host}:{args.port}/ (POST /detect; batches of "
+          f"up to {args.max_batch}, {args.max_wait_ms} ms wait)", file=sys.stderr, flush=True)
+    if args.int8:
+        print(f"dinodet serve: --int8: {int8_counts(detector.model).describe()}; "
+              "approximate, measure the AP change on your data with `dinodet eval --int8`",
+              file=sys.stderr, flush=True)
     serve(detector, args.host, args.port, threshold=args.threshold, max_batch=args.max_batch,
           max_wait_ms=args.max_wait_ms, max_request_bytes=args.max_request_bytes,
           max_image_pixels=args.max_image_pixels)
@@ -656,6 +672,25 @@ def _model_source(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--weights", choices=["ema", "raw"], default="ema",
                    help="of a run checkpoint trained with EMA: the EMA weights (default) or the "
                         "raw ones")
+
+
+def _size_options(p: argparse.ArgumentParser) -> None:
+    """--size / --max-size: the Detector's resize (predict, serve)."""
+    from dinodet.config import MAX_EVAL_MAX_SIZE, MAX_EVAL_SIZE, MIN_EVAL_SIZE
+
+    p.add_argument("--size", type=_int_in(MIN_EVAL_SIZE, MAX_EVAL_SIZE), default=None,
+                   help="resize the shorter side to this (default: the checkpoint's "
+                        f"evaluation size, else 800; {MIN_EVAL_SIZE} to {MAX_EVAL_SIZE})")
+    p.add_argument("--max-size", type=_int_in(MIN_EVAL_SIZE, MAX_EVAL_MAX_SIZE), default=None,
+                   help="cap on the longer side after resizing (default: the checkpoint's, "
+                        f"or 1333/800 of --size; {MIN_EVAL_SIZE} to {MAX_EVAL_MAX_SIZE})")
+
+
+def _int8_option(p: argparse.ArgumentParser) -> None:
+    """--int8: the Detector's int8 layers (predict, serve)."""
+    p.add_argument("--int8", action="store_true",
+                   help="Linear and convolution layers in int8: faster on the CPU, approximate "
+                        "(measure with `dinodet eval --int8`)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -829,12 +864,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="minimum score to keep, in [0, 1], or 'auto': each class's own, "
                         "stored with the model by training with a validation set")
     p.add_argument("--batch-size", type=_int_in(1), default=4)
-    p.add_argument("--size", type=eval_size, default=None,
-                   help="resize the shorter side to this (default: the checkpoint's "
-                        f"evaluation size, else 800; {MIN_EVAL_SIZE} to {MAX_EVAL_SIZE})")
-    p.add_argument("--max-size", type=eval_max_size, default=None,
-                   help="cap on the longer side after resizing (default: the checkpoint's, "
-                        f"or 1333/800 of --size; {MIN_EVAL_SIZE} to {MAX_EVAL_MAX_SIZE})")
+    _size_options(p)
     p.add_argument("--workers", type=_int_in(0), default=0, help="image-reading processes")
     p.add_argument("--video", action="store_true",
                    help="read every folder INPUT as the frames of one video, in natural "
@@ -845,9 +875,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-frames", type=_int_in(1), default=None, metavar="N",
                    help="videos: stop after N frames (a camera or stream: else until Ctrl-C)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--int8", action="store_true",
-                   help="Linear and convolution layers in int8: faster on the CPU, approximate "
-                        "(measure with `dinodet eval --int8`)")
+    _int8_option(p)
     p.add_argument("--slice", type=_int_in(32), default=None, metavar="TILE",
                    help="detect on overlapping TILE x TILE pixel tiles of every image and "
                         "merge their boxes: small objects in large images; --batch-size "
@@ -917,6 +945,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "each class's own, stored with the model (default 0.3)")
     p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, "
                                                    "cuda:1, ...")
+    _size_options(p)
+    _int8_option(p)
     p.add_argument("--max-batch", type=_int_in(1, 1024), default=8,
                    help="most images of concurrent requests run as one batch (default 8)")
     p.add_argument("--max-wait-ms", type=_int_in(0, 60_000), default=10,
