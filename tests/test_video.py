@@ -174,8 +174,10 @@ def test_cli_writes_the_annotated_video_and_its_json_lines(model_dir, clip, tmp_
     assert len(found["frames"]) == 6 and found["summary"]["end"] == "complete"
 
     rc = main(["predict", str(model_dir), str(clip), "--out", str(out), "--max-frames", "3",
-               "--no-progress"])
-    assert rc == 0 and "stopped at --max-frames" in capsys.readouterr().out
+               "--no-progress", "--workers", "2"])
+    said = capsys.readouterr()
+    assert rc == 0 and "stopped at --max-frames" in said.out
+    assert "--workers 2 reads image files; a video is decoded as one stream" in said.err
     found = read_video_detections(out / "clip.jsonl")
     assert len(found["frames"]) == 3 and found["summary"]["end"] == "max-frames"
     # an output may never land on its input: --out the video's own folder is refused

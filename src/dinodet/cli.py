@@ -372,6 +372,10 @@ def _predict(args: argparse.Namespace) -> int:
         def warn(message: str) -> None:
             tqdm.write(f"dinodet predict: warning: {message}", file=sys.stderr)
 
+        if args.workers:
+            warn(f"--workers {args.workers} reads image files; a video is decoded as one "
+                 "stream, in this process")
+
         # exit 2 when a source cannot be opened or stops early (its frames before are
         # written); Ctrl-C: 130 for a file, 0 for a camera or stream (the way to end one)
         failed = []
@@ -865,7 +869,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "stored with the model by training with a validation set")
     p.add_argument("--batch-size", type=_int_in(1), default=4)
     _size_options(p)
-    p.add_argument("--workers", type=_int_in(0), default=0, help="image-reading processes")
+    p.add_argument("--workers", type=_int_in(0), default=0,
+                   help="image-reading processes (images; a video is read as one stream)")
     p.add_argument("--video", action="store_true",
                    help="read every folder INPUT as the frames of one video, in natural "
                         "name order (without it, a folder is a set of images)")
