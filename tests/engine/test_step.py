@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -25,9 +27,8 @@ TINY = ["model.hidden_dim=64", "model.num_heads=4", "model.enc_layers=1",
 
 
 # The tests wrap optimizer.step to record gradients, which LambdaLR notices.
-# fp16's scaler skips a first step whose scaled gradients overflow, which LambdaLR notices too.
 pytestmark = [pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)`"),
-              pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")]
+              pytest.mark.filterwarnings("error:Detected call of `lr_scheduler.step\\(\\)`")]
 
 
 def _model() -> DINO:
@@ -237,6 +238,8 @@ def test_a_window_of_unreadable_images_only_takes_no_step():
     for amp in ("off", "fp16"):
         state = TrainState.create(_model(), OptimConfig(), steps_per_epoch=4, epochs=1,
                                   amp=amp, ema_decay=0.9)
+        if amp == "fp16":  # a scale this model's gradients fit in: a real step (2**16 skips)
+            state.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
         empty = Batch(ImageBatch(torch.zeros(0, 3, 0, 0), torch.zeros(0, 0, 0, dtype=torch.bool)),
                       [], ["broken.jpg"])
         result = train_step(state, empty, window=1, closes_window=True)
@@ -247,3 +250,29 @@ def test_a_window_of_unreadable_images_only_takes_no_step():
         train_step(state, _batch(1), window=2, closes_window=False)
         assert train_step(state, empty, window=2, closes_window=True).stepped, amp
         assert state.progress.step == 1
+
+
+def test_an_fp16_step_whose_gradients_overflow_moves_nothing():
+    """fp16: the scaler skips a step whose scaled gradients overflow and halves its scale;
+    then no weight, schedule, EMA or step count moves, LambdaLR sees no schedule step
+    without an optimiser step, and it is not a bad (non-finite loss) step. At a scale the
+    gradients fit, the next window steps."""
+    state = TrainState.create(_model(), OptimConfig(), steps_per_epoch=4, epochs=1,
+                              amp="fp16", ema_decay=0.9)
+    state.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)  # overflows
+    before = {n: p.detach().clone() for n, p in state.model.named_parameters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # LambdaLR's "lr_scheduler.step() before ..."
+        result = train_step(state, _batch(1), window=1, closes_window=True)
+    assert result.finite and not result.stepped and result.losses
+    assert state.scaler.get_scale() == 2.0**126
+    assert state.progress.step == 0 and state.progress.bad_steps == 0
+    assert state.scheduler.last_epoch == 0
+    assert state.ema is not None and state.ema.updates == 0
+    assert all(torch.equal(p, before[n]) for n, p in state.model.named_parameters())
+    assert all(p.grad is None for p in state.model.parameters())
+    state.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    assert train_step(state, _batch(2), window=1, closes_window=True).stepped
+    assert state.progress.step == 1 and state.scheduler.last_epoch == 1
+    assert state.ema.updates == 1
+    assert not all(torch.equal(p, before[n]) for n, p in state.model.named_parameters())

@@ -201,7 +201,9 @@ def train_step(state: TrainState, batch: Batch, window: int = 1,
     normalised by its own count. When ``closes_window``: unscale, clip, step, zero the
     gradients, step the schedule and the EMA (DDP all-reduces on that batch only).
 
-    A non-finite loss on any rank drops the window's gradients and takes no step.
+    A non-finite loss on any rank drops the window's gradients and takes no step. Under
+    fp16, a step whose scaled gradients overflow is skipped by the scaler (which lowers its
+    scale): ``stepped`` is False and nothing else moves.
     """
     net = state.net if state.net is not None else state.model
     net.train()
@@ -240,9 +242,15 @@ def train_step(state: TrainState, batch: Batch, window: int = 1,
             state.optimizer.zero_grad(set_to_none=True)
             state.progress.bad_steps += 1
             return StepResult(losses, False, False)
+    scale = state.scaler.get_scale() if state.scaler.is_enabled() else 0.0
     state.scaler.step(state.optimizer)
     state.scaler.update()
     state.optimizer.zero_grad(set_to_none=True)
+    if state.scaler.is_enabled() and state.scaler.get_scale() < scale:
+        # fp16: the scaled gradients overflowed, so the scaler skipped the optimiser step
+        # and lowered its scale (the first steps find the scale this way). The weights
+        # are as they were: no schedule, EMA or step count moves; not a bad step.
+        return StepResult(losses, True, False)
     if not _weights_finite(state.model):
         raise NonFiniteWeightsError(
             f"the weights became non-finite at optimizer step {state.progress.step + 1} "
