@@ -385,6 +385,30 @@ def test_amp_accumulation_ema_and_tensorboard(tiny_data, tmp_path, monkeypatch, 
     assert {"step/loss", "step/lr", "epoch/AP"} <= tags
 
 
+def test_fp16_steps_the_scaler_always_skips_are_said_and_take_no_step(tiny_data, tmp_path,
+                                                                     monkeypatch):
+    """A scale far too large (2**127) overflows at every step the run has: the scaler
+    skips them all; the run counts no step, and after SCALER_SKIPS_WARNING skips in a row
+    in an epoch it says so, once per epoch."""
+    import functools
+
+    import dinodet.engine.step as step_module
+    import dinodet.engine.train as train_module
+
+    monkeypatch.setattr(step_module.torch.amp, "GradScaler",
+                        functools.partial(torch.amp.GradScaler, init_scale=2.0**127))
+    monkeypatch.setattr(train_module, "SCALER_SKIPS_WARNING", 2)
+    cfg = tiny_config(tiny_data, tmp_path, "amp=fp16", epochs=2)  # 2 steps per epoch
+    with pytest.warns(UserWarning, match=r"gradient scaler skipped the last 2 optimiser "
+                                         r"steps") as caught:
+        summary = train(cfg, progress=False)
+    assert sum("gradient scaler skipped" in str(w.message) for w in caught) == 2
+    assert summary["steps"] == 0
+    ckpt = load_checkpoint(summary["latest_checkpoint"])
+    assert ckpt["scheduler"]["last_epoch"] == 0
+    assert ckpt["scaler"]["scale"] == 2.0**127 / 2**4  # halved at each of the 4 skips
+
+
 def test_init_from_an_original_checkpoint_with_other_classes(tiny_data, tmp_path):
     from reference_weights import load_manifest, make_state_dict
 

@@ -173,11 +173,12 @@ def _check_resumable(state: TrainState, ckpt: Any, where: str) -> None:
 class StepResult:
     """What one :func:`train_step` did: the detached loss terms (empty for a batch of
     unreadable images only), whether the loss was finite on every rank, whether the
-    optimiser stepped."""
+    optimiser stepped, and whether fp16's gradient scaler skipped the step (overflow)."""
 
     losses: dict[str, Tensor]
     finite: bool
     stepped: bool
+    scaler_skipped: bool = False
 
 
 def _to_float(outputs: Any) -> Any:
@@ -250,7 +251,7 @@ def train_step(state: TrainState, batch: Batch, window: int = 1,
         # fp16: the scaled gradients overflowed, so the scaler skipped the optimiser step
         # and lowered its scale (the first steps find the scale this way). The weights
         # are as they were: no schedule, EMA or step count moves; not a bad step.
-        return StepResult(losses, True, False)
+        return StepResult(losses, True, False, scaler_skipped=True)
     if not _weights_finite(state.model):
         raise NonFiniteWeightsError(
             f"the weights became non-finite at optimizer step {state.progress.step + 1} "

@@ -478,6 +478,10 @@ def _run(cfg: TrainConfig, info: dist.DistInfo, out_dir: Path, resume: str | Non
 
 
 SKIPPED_FILE = "skipped_images.txt"
+# fp16: this many optimiser steps in a row of an epoch skipped by the gradient scaler (its
+# gradients overflowed at every scale tried) is said, once per epoch; the scaler's first
+# steps skip a few.
+SCALER_SKIPS_WARNING = 30
 """The run directory's list of unreadable training images, one path per line."""
 
 
@@ -515,7 +519,7 @@ def _train_one_epoch(cfg: TrainConfig, state: TrainState, loader: Any, steps_per
     a non-finite loss is dropped whole."""
     run = state.progress
     window_images = accumulate * cfg.batch_size * info.world_size
-    bad_in_a_row = 0
+    bad_in_a_row = scaler_skips = 0
     bar = None
     if progress and info.is_main:
         from tqdm import tqdm
@@ -559,6 +563,16 @@ def _train_one_epoch(cfg: TrainConfig, state: TrainState, loader: Any, steps_per
             if result.losses:
                 bad_in_a_row = 0
                 losses = result.losses
+            if result.scaler_skipped:
+                scaler_skips += 1
+                if scaler_skips == SCALER_SKIPS_WARNING:
+                    warnings.warn(
+                        f"fp16: the gradient scaler skipped the last {scaler_skips} optimiser "
+                        f"steps (gradients overflow; scale now {state.scaler.get_scale():.3g}):"
+                        " the weights do not change. Try amp=bf16 or amp=off, or a lower "
+                        "learning rate", stacklevel=2)
+            elif result.stepped:
+                scaler_skips = 0
             if not result.stepped:
                 continue
             if (run.step % cfg.log_every == 0 or run.step == 1) and losses:
