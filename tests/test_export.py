@@ -281,4 +281,4 @@ def test_optimize_onnx_keeps_constant_splits_without_warning_of_them(caplog):
     # The filter is gone afterwards: onnxscript's other warnings still show.
     logging.getLogger("onnxscript.optimizer._constant_folding").warning(
         "Skipping constant folding for op Split with multiple outputs.")
-    assert caplog.records[-1].levelno == logging.WARNING
+    assert "Skipping constant folding for op Split with multiple outputs." in caplog.messages

@@ -395,6 +395,7 @@ def test_cli_serve_resizes_and_runs_int8_as_predict_does(model_dir, monkeypatch,
     err = capsys.readouterr().err
     assert "int8, 320 px shorter side up to 480" in err
     assert "--int8:" in err and "approximate" in err
+    assert "a batch's images share the activations' scale (--max-batch 1: none do)" in err
     assert main(["serve", str(model_dir), "--size", "600", "--max-size", "500"]) == 2
     assert "--max-size 500 is smaller than --size 600" in capsys.readouterr().err
     assert main(["serve", str(model_dir), "--int8", "--device", "meta"]) == 2

@@ -177,7 +177,8 @@ def test_cli_writes_the_annotated_video_and_its_json_lines(model_dir, clip, tmp_
                "--no-progress", "--workers", "2"])
     said = capsys.readouterr()
     assert rc == 0 and "stopped at --max-frames" in said.out
-    assert "--workers 2 reads image files; a video is decoded as one stream" in said.err
+    assert ("--workers 2 is not used for videos: a video or a frame folder is read in order"
+            in said.err)
     found = read_video_detections(out / "clip.jsonl")
     assert len(found["frames"]) == 3 and found["summary"]["end"] == "max-frames"
     # an output may never land on its input: --out the video's own folder is refused

@@ -373,8 +373,8 @@ def _predict(args: argparse.Namespace) -> int:
             tqdm.write(f"dinodet predict: warning: {message}", file=sys.stderr)
 
         if args.workers:
-            warn(f"--workers {args.workers} reads image files; a video is decoded as one "
-                 "stream, in this process")
+            warn(f"--workers {args.workers} is not used for videos: a video or a frame "
+                 "folder is read in order, in this process")
 
         # exit 2 when a source cannot be opened or stops early (its frames before are
         # written); Ctrl-C: 130 for a file, 0 for a camera or stream (the way to end one)
@@ -646,7 +646,8 @@ def _serve(args: argparse.Namespace) -> int:
           f"up to {args.max_batch}, {args.max_wait_ms} ms wait)", file=sys.stderr, flush=True)
     if args.int8:
         print(f"dinodet serve: --int8: {int8_counts(detector.model).describe()}; "
-              "approximate, measure the AP change on your data with `dinodet eval --int8`",
+              "approximate, measure the AP change on your data with `dinodet eval --int8`; "
+              "a batch's images share the activations' scale (--max-batch 1: none do)",
               file=sys.stderr, flush=True)
     serve(detector, args.host, args.port, threshold=args.threshold, max_batch=args.max_batch,
           max_wait_ms=args.max_wait_ms, max_request_bytes=args.max_request_bytes,
@@ -870,7 +871,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_int_in(1), default=4)
     _size_options(p)
     p.add_argument("--workers", type=_int_in(0), default=0,
-                   help="image-reading processes (images; a video is read as one stream)")
+                   help="image-reading processes (images; not used for videos)")
     p.add_argument("--video", action="store_true",
                    help="read every folder INPUT as the frames of one video, in natural "
                         "name order (without it, a folder is a set of images)")

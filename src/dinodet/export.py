@@ -330,8 +330,8 @@ def chunk_corner_sums(model: Any, step_bytes: int = SCAN_STEP_BYTES) -> int:
             raise RuntimeError(f"corner sum {node.name!r} is a graph output")
         table, index = gather.inputs
         weights = unsqueeze.outputs[0]  # [R, 1, K]
-        corners = index.shape[1] if index.shape is not None else None
-        width = table.shape[1] if table.shape is not None else None
+        corners = index.shape[1] if index.shape is not None and len(index.shape) == 2 else None
+        width = table.shape[1] if table.shape is not None and len(table.shape) == 2 else None
         if not isinstance(corners, int) or not isinstance(width, int):
             raise RuntimeError(f"corner sum {node.name!r} has unknown or symbolic K or D: "
                                f"indices {index.shape}, table {table.shape}")
@@ -408,8 +408,8 @@ def optimize_onnx(model: Any, iterations: int = 2) -> None:
         return
     rewrite = rewriter.RewritePass(local)
     common.InlinePass()(model)
-    # Folding warns at each constant Split it leaves as it is (one per layer): not a
-    # problem of the user's model, not shown.
+    # Folding warns at each constant op of several outputs it leaves as it is (a Split
+    # per layer): not a problem of the user's model, not shown.
     folding_log = logging.getLogger("onnxscript.optimizer._constant_folding")
     quiet = _DropLog("with multiple outputs")
     folding_log.addFilter(quiet)

@@ -161,6 +161,11 @@ def _reference(inputs: tuple[list[Tensor], Tensor, Tensor]) -> Tensor:
     return _Attention(HEADS, ms_deform_attn)(*inputs)
 
 
+def _body(scan):
+    """A Scan NodeProto's body attribute (by name, not position)."""
+    return next(a for a in scan.attribute if a.name == "body")
+
+
 def _assert_runs_like_pytorch(ort, path) -> None:
     """The ONNX file under onnxruntime agrees with PyTorch at the traced sizes and others."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -260,13 +265,13 @@ def test_export_sums_the_corners_in_a_scan_over_steps(tmp_path, monkeypatch, cap
     onnx.checker.check_model(proto)
     body_types = {i.name: i.type.tensor_type.elem_type for i in
                   onnx.helper.get_attribute_value(
-                      next(n for n in proto.graph.node if n.op_type == "Scan").attribute[0]
+                      _body(next(n for n in proto.graph.node if n.op_type == "Scan"))
                   ).input}
     assert set(body_types.values()) == {onnx.TensorProto.INT64, onnx.TensorProto.FLOAT}
     assert {o.domain for o in proto.opset_import} <= {"", "ai.onnx"}
     scans = [node for node in proto.graph.node if node.op_type == "Scan"]
     assert len(scans) == 1
-    body = onnx.helper.get_attribute_value(scans[0].attribute[0])
+    body = onnx.helper.get_attribute_value(_body(scans[0]))
     assert [node.op_type for node in body.node] == ["Gather", "MatMul"]
     assert [d.dim_value for d in body.input[0].type.tensor_type.shape.dim] == [step_rows, 24]
     assert not any(p.key == export.CORNER_SUM_KEY for n in proto.graph.node

@@ -140,8 +140,8 @@ class TrainConfig:
     ``checkpoint_every_steps`` 0 saves only at the end of each epoch; ``keep_last``
     checkpoints are kept, plus the best by validation metric. ``eval_every_epochs`` 0 never
     evaluates during training. ``max_bad_steps`` consecutive steps with a NaN/inf loss stop
-    the run. ``device``: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``,
-    ``"cuda:N"`` or ``"mps"``.
+    the run (fp16's gradient scaler skips inf gradients itself: not counted). ``device``:
+    ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
 
     ``early_stop_patience`` > 0 ends the run once that many evaluations in a row have not
     raised the validation AP by more than ``early_stop_min_delta`` over the best so far
