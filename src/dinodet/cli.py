@@ -8,6 +8,10 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dinodet.predict import Detector
 
 
 def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -318,17 +322,37 @@ def _refuse_inputs_in(out: str, files: Sequence[str]) -> None:
                         "another --out folder")
 
 
+def _open_detector(checkpoint: str, **options: Any) -> Detector:
+    """``Detector.from_pretrained(checkpoint, **options)`` without its int8 warning, which
+    the command says in one line (:func:`_say_int8`)."""
+    import warnings
+
+    from dinodet.model.quantize import Int8Warning
+    from dinodet.predict import Detector
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=Int8Warning)
+        return Detector.from_pretrained(checkpoint, **options)
+
+
+def _say_int8(command: str, detector: Detector, more: str = "") -> None:
+    """The line saying what ``--int8`` made int8 and that it is approximate."""
+    from dinodet.model.quantize import int8_counts
+
+    print(f"dinodet {command}: --int8: {int8_counts(detector.model).describe()}; "
+          f"approximate, measure the AP change on your data with `dinodet eval --int8`{more}",
+          file=sys.stderr, flush=True)
+
+
 def _predict(args: argparse.Namespace) -> int:
     import json
-    import warnings
     from pathlib import Path
 
     from tqdm import tqdm
 
     from dinodet.engine.checkpoint import atomic_write
     from dinodet.errors import UserError
-    from dinodet.model.quantize import Int8Warning, int8_counts
-    from dinodet.predict import Detections, Detector, ImageReadError, load_image
+    from dinodet.predict import Detections, ImageReadError, load_image
     from dinodet.slicing import Slicing
     from dinodet.visualize import save_detections
     from dinodet.weights import check_output_dir
@@ -349,12 +373,9 @@ def _predict(args: argparse.Namespace) -> int:
         from dinodet.video import output_paths
 
         video_outputs = output_paths(videos, args.out)
-    with warnings.catch_warnings():  # --int8 says it below, in one line
-        warnings.filterwarnings("ignore", category=Int8Warning)
-        detector = Detector.from_pretrained(args.checkpoint, variant=args.variant,
-                                            eval_size=args.size, max_size=args.max_size,
-                                            weights=args.weights, int8=args.int8,
-                                            threshold=args.threshold, slice=slicing)
+    detector = _open_detector(args.checkpoint, variant=args.variant, eval_size=args.size,
+                              max_size=args.max_size, weights=args.weights, int8=args.int8,
+                              threshold=args.threshold, slice=slicing)
     if args.threshold == "auto" and detector.class_thresholds:
         table, classes = detector.class_thresholds, len(detector.class_names)
         print(f"dinodet predict: --threshold auto: the model's own thresholds for "
@@ -363,9 +384,7 @@ def _predict(args: argparse.Namespace) -> int:
                                                if len(table) < classes else ""),
               file=sys.stderr, flush=True)
     if args.int8:
-        print(f"dinodet predict: --int8: {int8_counts(detector.model).describe()}; "
-              "approximate, measure the AP change on your data with `dinodet eval --int8`",
-              file=sys.stderr, flush=True)
+        _say_int8("predict", detector)
     if videos:  # for each: NAME.mp4 and NAME.jsonl in --out, and a summary line
         from dinodet.video import VideoReadError, detect_video
 
@@ -607,8 +626,6 @@ def _report_coco(args: argparse.Namespace, found: dict) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import warnings
-
     import torch
 
     from dinodet.data.images import resolve_max_pixels
@@ -629,15 +646,9 @@ def _serve(args: argparse.Namespace) -> int:
     _check_sizes(args.size, args.max_size, "--size")
     if args.int8 and device.type != "cpu":
         raise UserError(f"--int8 runs on the CPU only, not --device {args.device}")
-    from dinodet.model.quantize import Int8Warning, int8_counts
-    from dinodet.predict import Detector
-
-    with warnings.catch_warnings():  # --int8 says it below, in one line
-        warnings.filterwarnings("ignore", category=Int8Warning)
-        detector = Detector.from_pretrained(args.checkpoint, variant=args.variant,
-                                            device=device, eval_size=args.size,
-                                            max_size=args.max_size, weights=args.weights,
-                                            int8=args.int8, threshold=args.threshold)
+    detector = _open_detector(args.checkpoint, variant=args.variant, device=device,
+                              eval_size=args.size, max_size=args.max_size,
+                              weights=args.weights, int8=args.int8, threshold=args.threshold)
     host = f"[{args.host}]" if ":" in args.host else args.host
     transform = detector.transform
     print(f"dinodet serve: {args.checkpoint} ({len(detector.class_names)} classes, {device}"
@@ -645,10 +656,8 @@ def _serve(args: argparse.Namespace) -> int:
           f"{transform.max_limit}) at http://{host}:{args.port}/ (POST /detect; batches of "
           f"up to {args.max_batch}, {args.max_wait_ms} ms wait)", file=sys.stderr, flush=True)
     if args.int8:
-        print(f"dinodet serve: --int8: {int8_counts(detector.model).describe()}; "
-              "approximate, measure the AP change on your data with `dinodet eval --int8`; "
-              "a batch's images share the activations' scale (--max-batch 1: none do)",
-              file=sys.stderr, flush=True)
+        _say_int8("serve", detector,
+                  "; a batch's images share the activations' scale (--max-batch 1: none do)")
     serve(detector, args.host, args.port, threshold=args.threshold, max_batch=args.max_batch,
           max_wait_ms=args.max_wait_ms, max_request_bytes=args.max_request_bytes,
           max_image_pixels=args.max_image_pixels)

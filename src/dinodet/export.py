@@ -410,18 +410,14 @@ def optimize_onnx(model: Any, iterations: int = 2) -> None:
     common.InlinePass()(model)
     # Folding warns at each constant op of several outputs it leaves as it is (a Split
     # per layer): not a problem of the user's model, not shown.
-    folding_log = logging.getLogger("onnxscript.optimizer._constant_folding")
-    quiet = _DropLog("with multiple outputs")
-    folding_log.addFilter(quiet)
-    try:
+    with _dropping_log(logging.getLogger("onnxscript.optimizer._constant_folding"),
+                       "with multiple outputs"):
         for _ in range(iterations):
             folded = optimizer.fold_constants(model, onnx_shape_inference=True).modified
             rewritten = rewrite(model).modified
             removed = common.RemoveUnusedNodesPass()(model).modified
             if not (folded or rewritten or removed):
                 break
-    finally:
-        folding_log.removeFilter(quiet)
     ir.passes.Sequential(
         common.RemoveUnusedFunctionsPass(),
         common.RemoveUnusedOpsetsPass(),
@@ -454,6 +450,17 @@ class _DropLog(logging.Filter):
         return self.text not in record.getMessage()
 
 
+@contextlib.contextmanager
+def _dropping_log(logger: logging.Logger, text: str) -> Iterator[None]:
+    """Within it, ``logger`` drops the records whose message holds ``text``."""
+    quiet = _DropLog(text)
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 def _quantize(source: Path, out: Path, meta: dict[str, Any], per_channel: bool = False
               ) -> None:
     """onnxruntime's dynamic quantisation of ``source``'s :data:`INT8_OPS` weights
@@ -467,15 +474,11 @@ def _quantize(source: Path, out: Path, meta: dict[str, Any], per_channel: bool =
     big = any(uses_external_data(t) for t in weights)  # over 2 GB: so is the int8 file
     # The quantiser logs advice to pre-process the graph, whose shape inference fails on
     # this one (and does not change which weights are quantised): not shown.
-    quiet = _DropLog("pre-processing")
-    logging.getLogger().addFilter(quiet)
-    try:
+    with _dropping_log(logging.getLogger(), "pre-processing"):
         q.quantize_dynamic(source, out, op_types_to_quantize=list(INT8_OPS),
                            per_channel=per_channel,
                            weight_type=getattr(q.QuantType, INT8_WEIGHT_TYPE),
                            use_external_data_format=big)
-    finally:
-        logging.getLogger().removeFilter(quiet)
     model = onnx.load(str(out), load_external_data=False)
     quantised = sum(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")
                     for n in model.graph.node)

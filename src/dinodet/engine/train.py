@@ -478,11 +478,12 @@ def _run(cfg: TrainConfig, info: dist.DistInfo, out_dir: Path, resume: str | Non
 
 
 SKIPPED_FILE = "skipped_images.txt"
+"""The run directory's list of unreadable training images, one path per line."""
+
 # fp16: this many optimiser steps in a row of an epoch skipped by the gradient scaler (its
 # gradients overflowed at every scale tried) is said, once per epoch; the scaler's first
 # steps skip a few.
 SCALER_SKIPS_WARNING = 30
-"""The run directory's list of unreadable training images, one path per line."""
 
 
 def _write_skipped(path: Path, names: list[str], dataset: CocoDetection) -> None:
