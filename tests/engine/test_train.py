@@ -353,6 +353,17 @@ class _FakeWriter:
         pass
 
 
+def _first_scale(monkeypatch, scale: float) -> None:
+    """fp16 runs' gradient scalers start at ``scale`` (torch.amp.GradScaler patched where
+    the run makes them, for the test)."""
+    import functools
+
+    import dinodet.engine.step as step_module
+
+    monkeypatch.setattr(step_module.torch.amp, "GradScaler",
+                        functools.partial(torch.amp.GradScaler, init_scale=scale))
+
+
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_amp_accumulation_ema_and_tensorboard(tiny_data, tmp_path, monkeypatch, amp):
     import types
@@ -364,12 +375,7 @@ def test_amp_accumulation_ema_and_tensorboard(tiny_data, tmp_path, monkeypatch, 
     if amp == "fp16":
         # The scaler's first scale, 2**16, overflows this tiny model's gradients: it would
         # skip both steps (tests/engine/test_step.py checks such a skip). From 1, it steps.
-        import functools
-
-        import dinodet.engine.step as step_module
-
-        monkeypatch.setattr(step_module.torch.amp, "GradScaler",
-                            functools.partial(torch.amp.GradScaler, init_scale=1.0))
+        _first_scale(monkeypatch, 1.0)
     cfg = tiny_config(tiny_data, tmp_path, f"amp={amp}", "total_batch_size=4",
                       "ema=true", "tensorboard=true", epochs=2)
     summary = train(cfg, progress=False)
@@ -390,13 +396,9 @@ def test_fp16_steps_the_scaler_always_skips_are_said_and_take_no_step(tiny_data,
     """A scale far too large (2**127) overflows at every step the run has: the scaler
     skips them all; the run counts no step, and after SCALER_SKIPS_WARNING skips in a row
     in an epoch it says so, once per epoch."""
-    import functools
-
-    import dinodet.engine.step as step_module
     import dinodet.engine.train as train_module
 
-    monkeypatch.setattr(step_module.torch.amp, "GradScaler",
-                        functools.partial(torch.amp.GradScaler, init_scale=2.0**127))
+    _first_scale(monkeypatch, 2.0**127)
     monkeypatch.setattr(train_module, "SCALER_SKIPS_WARNING", 2)
     cfg = tiny_config(tiny_data, tmp_path, "amp=fp16", epochs=2)  # 2 steps per epoch
     with pytest.warns(UserWarning, match=r"gradient scaler skipped the last 2 optimiser "
