@@ -22,8 +22,16 @@ from dinodet.engine.config import load_train_config
 from dinodet.engine.evaluate import evaluate_checkpoint, evaluate_results
 from dinodet.engine.train import train
 from dinodet.errors import UserError
+from dinodet.model import quantize
 from dinodet.model.linear import Linear
-from dinodet.model.quantize import Int8Conv2d, Int8Counts, Int8Warning, int8_counts, quantize_int8
+from dinodet.model.quantize import (
+    Int8Conv2d,
+    Int8Counts,
+    Int8Warning,
+    _has_vnni,
+    int8_counts,
+    quantize_int8,
+)
 from dinodet.predict import Detector
 
 nnqd = pytest.importorskip("torch.ao.nn.quantized.dynamic")
@@ -210,21 +218,38 @@ def _relerr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("bits", [8, 7])
+@pytest.mark.parametrize("bits", [None, 7])
 @pytest.mark.parametrize("cin, cout, k, stride, groups", [
     (3, 16, 7, 2, 1), (32, 48, 3, 1, 1), (32, 64, 3, 2, 4), (64, 32, 1, 1, 1)])
 def test_int8_conv_is_close_to_the_float_conv(bits, cin, cout, k, stride, groups):
     """Close for signed and for non-negative inputs (PyTorch's own dynamic Conv2d is
-    about 70 % off on the latter), 8- and 7-bit weights, groups, strides."""
+    about 70 % off on the latter), this CPU's default bits (8 with VNNI, else 7) and 7,
+    groups, strides."""
     torch.manual_seed(0)
     conv = nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups).eval()
     q = Int8Conv2d(conv, bits)
+    assert q.weight_bits == (bits or (8 if _has_vnni() else 7))
     for x in (torch.randn(2, cin, 23, 30), torch.randn(2, cin, 23, 30).relu()):
         with torch.no_grad():
             y, ref = q(x), conv(x)
         assert y.shape == ref.shape and y.dtype == torch.float32
-        assert _relerr(y, ref) < (0.02 if bits == 8 else 0.04)
+        assert _relerr(y, ref) < (0.02 if q.weight_bits == 8 else 0.04)
         assert not torch.equal(y, ref)
+
+
+def test_int8_conv_warns_of_8_bits_without_vnni_and_refuses_other_widths(monkeypatch):
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    monkeypatch.setattr(quantize, "_has_vnni", lambda: False)
+    with pytest.warns(UserWarning, match=r"weight_bits=8 on a CPU without VNNI"):
+        assert Int8Conv2d(conv, 8).weight_bits == 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert Int8Conv2d(conv).weight_bits == 7
+        monkeypatch.setattr(quantize, "_has_vnni", lambda: True)
+        assert Int8Conv2d(conv).weight_bits == 8
+        assert Int8Conv2d(conv, 8).weight_bits == 8
+    with pytest.raises(ValueError, match=r"weight_bits must be 7 or 8, got 4"):
+        Int8Conv2d(conv, 4)
 
 
 @pytest.mark.parametrize("norm_type", ["frozen", "batchnorm"])

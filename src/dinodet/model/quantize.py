@@ -127,17 +127,27 @@ def _quantize_input(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
 
 
 class Int8Conv2d(nn.Module):
-    """A float ``nn.Conv2d`` run in int8 (module docstring): ``weight_bits`` 8 (or 7, for
-    CPUs without VNNI) per output channel, symmetric; the input quantised per call to
-    uint8 with the range of that input (zero included); the output float32, in channels-last
-    memory format. Inference only, on the CPU."""
+    """A float ``nn.Conv2d`` run in int8 (module docstring): ``weight_bits`` per output
+    channel, symmetric (None: 8 on CPUs with VNNI, 7 on the others); the input quantised
+    per call to uint8 with the range of that input (zero included); the output float32, in
+    channels-last memory format. Inference only, on the CPU. 8 bits on a CPU without VNNI
+    warns: their products overflow there (about 10 % relative error)."""
 
-    def __init__(self, conv: nn.Conv2d, weight_bits: int = 8,
+    def __init__(self, conv: nn.Conv2d, weight_bits: int | None = None,
                  norm: nn.Module | None = None) -> None:
         super().__init__()
         if not self.can_run(conv):
             raise ValueError(f"Int8Conv2d: padding {conv.padding!r} / padding_mode "
                              f"{conv.padding_mode!r}: only numeric zero padding")
+        safe_bits = 8 if _has_vnni() else 7
+        if weight_bits is None:
+            weight_bits = safe_bits
+        elif weight_bits not in (7, 8):
+            raise ValueError(f"Int8Conv2d: weight_bits must be 7 or 8, got {weight_bits!r}")
+        elif weight_bits > safe_bits:
+            warnings.warn("Int8Conv2d: weight_bits=8 on a CPU without VNNI, whose 16-bit "
+                          "sums of 8-bit products overflow (about 10 % error); "
+                          "weight_bits=7 (the default here) does not", stacklevel=2)
         from dinodet.model.backbone import fold_batchnorm
 
         with torch.no_grad():
@@ -383,7 +393,6 @@ def quantize_int8(model: nn.Module, *, inplace: bool = False,
     with _quiet(), _engine(engine) as used:
         replaced = {id(layer): _quantize_linear(layer, dynamic)
                     for _, layer in found if id(layer) not in keep}
-    bits = 8 if _has_vnni() else 7
     replaced_convs: dict[int, nn.Module] = {}
     if conv_layers:
         shared = _shared_modules(model)
@@ -392,11 +401,11 @@ def quantize_int8(model: nn.Module, *, inplace: bool = False,
             conv, norm = getattr(parent, conv_name), getattr(parent, norm_name)
             if id(conv) not in convertible or id(conv) in shared or id(norm) in shared:
                 continue  # folding a shared norm or conv would change its other users
-            replaced_convs[id(conv)] = Int8Conv2d(conv, bits, norm=norm)
+            replaced_convs[id(conv)] = Int8Conv2d(conv, norm=norm)
             setattr(parent, norm_name, nn.Identity())
         for _, layer in conv_layers:
             if id(layer) not in replaced_convs:
-                replaced_convs[id(layer)] = Int8Conv2d(layer, bits)
+                replaced_convs[id(layer)] = Int8Conv2d(layer)
     replaced.update(replaced_convs)
     for module in list(model.modules()):
         # _modules, not named_children(): that lists a child held twice only once.
@@ -408,6 +417,6 @@ def quantize_int8(model: nn.Module, *, inplace: bool = False,
     model.eval()  # also what the folded BatchNorms' running statistics assume
     linears = len(replaced) - len(replaced_convs)
     counts = Int8Counts(linears, len(found) - linears, len(replaced_convs))
-    log.info("int8 (%s engine; %d-bit convolution weights): %s", used, bits,
-             counts.describe())
+    log.info("int8 (%s engine; %d-bit convolution weights): %s", used,
+             8 if _has_vnni() else 7, counts.describe())
     return model
