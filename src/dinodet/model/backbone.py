@@ -70,7 +70,7 @@ class ResNetBody(nn.Module):
         for i, layer in enumerate((self.layer1, self.layer2, self.layer3, self.layer4)):
             if fused:
                 for block in layer:
-                    # An int8 block writes its sum over its input: not over a level's output.
+                    # A block writes its sum over its input: not over a level's output.
                     x = self._block(block, x, keep_input=bool(out) and out[-1] is x)
             else:
                 x = layer(x)
@@ -105,8 +105,9 @@ class ResNetBody(nn.Module):
 
     def _conv(self, x: Tensor, conv: Any, bn: Any, relu: bool,
               residual: Tensor | None = None) -> Tensor:
-        """relu?(bn(conv(x)) (+ residual)) in one oneDNN call. An int8 convolution has its
-        norm folded in already (``bn`` is then an identity) and writes over ``residual``."""
+        """relu?(bn(conv(x)) (+ residual)) in one oneDNN call, written over ``residual``
+        when there is one (no new feature map to allocate). An int8 convolution has its
+        norm folded in already (``bn`` is then an identity)."""
         if isinstance(conv, Int8Conv2d):
             return conv(x, relu=relu, residual=residual)
         weight, bias = self._fold(conv, bn)
@@ -114,17 +115,17 @@ class ResNetBody(nn.Module):
         if residual is None:
             return torch.ops.mkldnn._convolution_pointwise(
                 x, weight, bias, *args, "relu" if relu else "none", [], "")
-        return torch.ops.mkldnn._convolution_pointwise.binary(
-            x, residual, weight, bias, *args, "add", None, "relu" if relu else None, [], "")
+        return torch.ops.mkldnn._convolution_pointwise_.binary(
+            residual, x, weight, bias, *args, "add", None, "relu" if relu else None, [], "")
 
     def _block(self, block: Any, x: Tensor, keep_input: bool = False) -> Tensor:
-        """A torchvision BasicBlock or Bottleneck, fused (``keep_input``: ``x`` must not be
-        written over)."""
+        """A torchvision BasicBlock or Bottleneck, fused; its sum is written over ``x``
+        unless ``keep_input`` (or the downsampled copy of ``x``)."""
         identity = x
         if block.downsample is not None:
             conv, bn = block.downsample
             identity = self._conv(x, conv, bn, relu=False)
-        elif keep_input and isinstance(block.conv1, Int8Conv2d):
+        elif keep_input:
             identity = x.clone()
         out = self._conv(x, block.conv1, block.bn1, relu=True)
         if isinstance(block, Bottleneck):
