@@ -1,5 +1,6 @@
 """dinodet.model.linear: oneDNN products equal F.linear, forward and backward."""
 
+import os
 import subprocess
 import sys
 
@@ -11,7 +12,14 @@ from torch import nn
 from dinodet.model import linear as lin
 from dinodet.model.linear import Linear, linear, linear_relu
 
-needs_onednn = pytest.mark.skipif(not lin.ENABLED, reason="PyTorch built without oneDNN")
+needs_onednn = pytest.mark.skipif(not lin.AVAILABLE, reason="PyTorch built without oneDNN")
+
+
+@pytest.fixture(autouse=True)
+def _onednn_on(monkeypatch):
+    """The oneDNN path under test, whether or not this CPU uses it by default (AVX2-only
+    CPUs do not)."""
+    monkeypatch.setattr(lin, "ENABLED", lin.AVAILABLE)
 
 
 def _grads(fn, x, w, b):
@@ -93,3 +101,17 @@ def test_environment_variable_turns_it_off():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={"DINODET_ONEDNN_LINEAR": "0", "PATH": ""}, check=True)
     assert out.stdout.strip() == "False"
+
+
+@needs_onednn
+def test_auto_keeps_onednn_off_on_avx2_only_cpus():
+    assert lin._enabled(None, "AVX512") and lin._enabled("auto", "DEFAULT")
+    assert not lin._enabled(None, "AVX2") and not lin._enabled(" Auto ", "AVX2")
+    assert lin._enabled("1", "AVX2") and lin._enabled("on", "AVX2")
+    assert not lin._enabled("off", "AVX512") and not lin._enabled("0", "AVX2")
+    # What a process without the variable chooses at import, on this CPU.
+    env = {k: v for k, v in os.environ.items() if k != lin.ENV_VAR}
+    code = "from dinodet.model import linear; print(linear.ENABLED)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, check=True)
+    assert out.stdout.strip() == str(torch.backends.cpu.get_cpu_capability() != "AVX2")

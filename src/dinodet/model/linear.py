@@ -1,17 +1,21 @@
-"""``nn.Linear`` whose float32 CPU products run on oneDNN.
+"""``nn.Linear`` whose float32 CPU products run on oneDNN where that is faster.
 
-PyTorch's CPU ``addmm`` calls MKL's sgemm, which on AMD processors takes a generic code
-path: on the 2-core AMD EPYC (AVX-512) this project is measured on, it reaches about 120
-GFLOP/s where oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``, what PyTorch's own
-inductor emits for CPU linears) reaches about 240, for the encoder's [tokens, 256] x
-[256, 2048] products; on Intel processors both are fast. A DINO spends over half of its
-CPU inference in these products.
+PyTorch's CPU ``addmm`` calls MKL's sgemm, which on AMD processors with AVX-512 takes its
+AVX2 code path: on the 2-core AMD EPYCs (AVX-512) this project was measured on, it reached
+about 120 GFLOP/s where oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``, what
+PyTorch's own inductor emits for CPU linears) reached about 240 (2026-12-01), and 180
+against 209 on a Zen 4 (2026-12-04), for the encoder's [tokens, 256] x [256, 2048]
+products. On a CPU with AVX2 only, both run AVX2 kernels and oneDNN has no edge: on a Zen
+3 EPYC (2026-12-06) MKL was as fast or faster by shape, and DINO's inference 5-8 % faster
+on MKL (training alike). A DINO spends over half of its CPU inference in these products.
 
 :class:`Linear` is an ``nn.Linear`` (same parameters, state-dict keys, ``isinstance``):
-on float32 CPU tensors, when oneDNN is built in, its forward and backward run as oneDNN
-products through a small autograd function; anything else (CUDA, other dtypes, tracing for
-export, ``torch.compile``) is ``F.linear``. Results equal ``F.linear``'s up to float32
-rounding (the sums run in another order). ``DINODET_ONEDNN_LINEAR=0`` turns it off.
+on float32 CPU tensors, when oneDNN is built in and :data:`ENABLED`, its forward and
+backward run as oneDNN products through a small autograd function; anything else (CUDA,
+other dtypes, tracing for export, ``torch.compile``, an AVX2-only CPU by default) is
+``F.linear``. Results equal ``F.linear``'s up to float32 rounding (the sums run in another
+order). ``DINODET_ONEDNN_LINEAR``: ``0`` turns it off, ``1`` on whatever the CPU, unset
+(``auto``) on unless PyTorch's CPU capability is ``AVX2``.
 """
 
 from __future__ import annotations
@@ -28,14 +32,24 @@ from dinodet.model.tracing import exporting
 ENV_VAR = "DINODET_ONEDNN_LINEAR"
 
 
-def _available() -> bool:
-    if os.environ.get(ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
+# oneDNN's matmul is in this torch build: the products can run there.
+AVAILABLE = bool(torch.backends.mkldnn.is_available()
+                 and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def _enabled(setting: str | None, capability: str) -> bool:
+    """Whether :class:`Linear` uses oneDNN, from ``DINODET_ONEDNN_LINEAR``'s value (None:
+    unset) and ``torch.backends.cpu.get_cpu_capability()``."""
+    value = (setting or "auto").strip().lower()
+    if not AVAILABLE or value in ("0", "false", "no", "off"):
         return False
-    return bool(torch.backends.mkldnn.is_available()
-                and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    if value in ("1", "true", "yes", "on"):
+        return True
+    return capability != "AVX2"  # auto: AVX-512 (and anything not measured) keeps oneDNN
 
 
-ENABLED = _available()
+# Read once, at import; tests and benchmarks may set it.
+ENABLED = _enabled(os.environ.get(ENV_VAR), torch.backends.cpu.get_cpu_capability())
 
 
 def _mm(x: Tensor, weight: Tensor, bias: Tensor | None, relu: bool = False) -> Tensor:
