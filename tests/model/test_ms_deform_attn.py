@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 import dinodet.model.ms_deform_attn as msda
 from dinodet.model.ms_deform_attn import MSDeformAttn, ms_deform_attn, ms_deform_attn_grid_sample
@@ -219,6 +220,30 @@ def test_module_against_reference(ref_dim, monkeypatch):
             attn.backend = fn
             torch.testing.assert_close(attn(query, ref, value, shapes, mask), want, atol=1e-12,
                                        rtol=0)
+
+
+def test_offsets_and_logits_are_one_product_unless_a_layer_is_not_linear(monkeypatch):
+    attn = random_module()
+    shapes = [(3, 4), (2, 5), (1, 2)]
+    s = sum(h * w for h, w in shapes)
+    g = torch.Generator().manual_seed(4)
+    query = torch.randn(1, 9, 12, generator=g, dtype=F64)
+    value = torch.randn(1, s, 12, generator=g, dtype=F64)
+    ref = torch.rand(1, 9, 3, 2, generator=g, dtype=F64)
+    with torch.no_grad():
+        both = attn._offsets_and_logits(query)
+        assert both is not None and both.shape == (1, 9, 3 * 3 * 2 * 3)
+        torch.testing.assert_close(both, torch.cat([attn.sampling_offsets(query),
+                                                    attn.attention_weights(query)], -1))
+        want = module_reference(attn, query, ref, value, shapes, None)
+        monkeypatch.setattr(msda, "_CPU_CHUNK_CORNERS", 2 * 3 * 6 * 4)  # 2 queries a chunk
+        torch.testing.assert_close(attn(query, ref, value, shapes), want, atol=1e-12, rtol=0)
+        # Another module (a quantised layer, say) is called as itself, chunk by chunk.
+        plain = nn.Linear(12, attn.attention_weights.out_features).double()
+        plain.load_state_dict(attn.attention_weights.state_dict())
+        attn.attention_weights = plain
+        assert attn._offsets_and_logits(query) is None
+        torch.testing.assert_close(attn(query, ref, value, shapes), want, atol=1e-12, rtol=0)
 
 
 def test_callable_backend_gets_the_shapes_and_its_result_is_used(monkeypatch):

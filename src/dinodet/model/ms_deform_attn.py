@@ -565,6 +565,19 @@ class MSDeformAttn(nn.Module):
             pix = start + offsets * (ref[:, :, :, 2:] * (sizes * (0.5 / points)))
         return ms_deform_attn_onnx.sample(value, spatial_shapes, pix, weights)
 
+    def _offsets_and_logits(self, query: Tensor) -> Tensor | None:
+        """[N, Lq, M·L·P·2 + M·L·P]: the sampling offsets' and the attention logits' products
+        as one product over all the queries, which the chunks then slice (on the 2-core Zen 3
+        CPU, r50-4scale's 800x1088 inference took 7 % less time than with two products per
+        chunk of queries, the same values), or None unless both layers are float
+        :class:`Linear` layers of the same dtype (a quantised one, say, runs as itself)."""
+        a, b = self.sampling_offsets, self.attention_weights
+        if not (type(a) is Linear and type(b) is Linear and a.weight.dtype == b.weight.dtype
+                and (a.bias is None) == (b.bias is None)):
+            return None
+        bias = None if a.bias is None else torch.cat([a.bias, b.bias])
+        return linear(query, torch.cat([a.weight, b.weight]), bias)
+
     def _fused(self, query: Tensor, reference_points: Tensor, value: Tensor,
                spatial_shapes: list[tuple[int, int]]) -> Tensor:
         """:meth:`_locations_and_weights` and :func:`ms_deform_attn` per chunk of queries, from
@@ -578,15 +591,21 @@ class MSDeformAttn(nn.Module):
         #   boxes: location = ref_xy + offset / P · ref_wh / 2,
         #          so ref_xy·size − 0.5 + offset · ref_wh·size / (2P).
         level_sizes = _level_wh(spatial_shapes, compute, query.device).t()  # [2, L]
+        projected = self._offsets_and_logits(query)
+        split = m * levels * points * 2
         outs = []
         for q0 in range(0, lq, sampler.chunk):
             q1 = q0 + sampler.chunk
-            part = query[:, q0:q1]
-            q = part.shape[1]
-            offsets = self.sampling_offsets(part).view(n, q, m, levels * points, 2)
+            if projected is not None:
+                both = projected[:, q0:q1]
+                offsets, logits = both[..., :split], both[..., split:]
+            else:
+                part = query[:, q0:q1]
+                offsets, logits = self.sampling_offsets(part), self.attention_weights(part)
+            q = offsets.shape[1]
+            offsets = offsets.reshape(n, q, m, levels * points, 2)
             offsets = offsets.transpose(3, 4).to(compute).contiguous()  # planar
-            weights = self.attention_weights(part).view(n, q, m, 1, levels * points)
-            weights = weights.to(compute).softmax(-1)
+            weights = logits.reshape(n, q, m, 1, levels * points).to(compute).softmax(-1)
             ref = reference_points[:, q0:q1].to(compute).transpose(2, 3)  # [N, q, 2|4, L]
             # ref_xy·size − 0.5 as [N, q, 1, 2, L·P] (repeated over the points)
             start = torch.addcmul(sampler.neg_half, ref[:, :, :2], level_sizes)
