@@ -195,16 +195,25 @@ def module_reference(attn, query, ref, value, shapes, padding_mask):
     return attn.output_proj(slow_reference(v, shapes, loc, w))
 
 
+MODULE_SHAPES = [(3, 4), (2, 5), (1, 2)]  # random_module's 3 levels
+
+
+def module_inputs(n, lq, ref_dim, seed):
+    """query [n, lq, 12], reference points [n, lq, 3, ref_dim], value over MODULE_SHAPES and a
+    padding mask (float64), from one generator."""
+    s = sum(h * w for h, w in MODULE_SHAPES)
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(n, lq, 12, generator=g, dtype=F64)
+    value = torch.randn(n, s, 12, generator=g, dtype=F64)
+    ref = torch.rand(n, lq, 3, ref_dim, generator=g, dtype=F64)
+    return query, ref, value, torch.rand(n, s, generator=g) < 0.3
+
+
 @pytest.mark.parametrize("ref_dim", [2, 4])
 def test_module_against_reference(ref_dim, monkeypatch):
     attn = random_module()
-    shapes = [(3, 4), (2, 5), (1, 2)]
-    s = sum(h * w for h, w in shapes)
-    g = torch.Generator().manual_seed(3)
-    query = torch.randn(2, 7, 12, generator=g, dtype=F64)
-    value = torch.randn(2, s, 12, generator=g, dtype=F64)
-    ref = torch.rand(2, 7, 3, ref_dim, generator=g, dtype=F64)
-    mask = torch.rand(2, s, generator=g) < 0.3
+    shapes = MODULE_SHAPES
+    query, ref, value, mask = module_inputs(2, 7, ref_dim, seed=3)
     with torch.no_grad():
         want = module_reference(attn, query, ref, value, shapes, mask)
         got = attn(query, ref, value, shapes, mask)
@@ -224,12 +233,8 @@ def test_module_against_reference(ref_dim, monkeypatch):
 
 def test_offsets_and_logits_are_one_product_unless_a_layer_is_not_linear(monkeypatch):
     attn = random_module()
-    shapes = [(3, 4), (2, 5), (1, 2)]
-    s = sum(h * w for h, w in shapes)
-    g = torch.Generator().manual_seed(4)
-    query = torch.randn(1, 9, 12, generator=g, dtype=F64)
-    value = torch.randn(1, s, 12, generator=g, dtype=F64)
-    ref = torch.rand(1, 9, 3, 2, generator=g, dtype=F64)
+    shapes = MODULE_SHAPES
+    query, ref, value, _ = module_inputs(1, 9, 2, seed=4)
     with torch.no_grad():
         both = attn._offsets_and_logits(query)
         assert both is not None and both.shape == (1, 9, 3 * 3 * 2 * 3)
