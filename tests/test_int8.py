@@ -28,9 +28,9 @@ from dinodet.model.quantize import (
     Int8Conv2d,
     Int8Counts,
     Int8Warning,
-    _has_vnni,
     int8_counts,
     quantize_int8,
+    safe_weight_bits,
 )
 from dinodet.predict import Detector
 
@@ -228,7 +228,7 @@ def test_int8_conv_is_close_to_the_float_conv(bits, cin, cout, k, stride, groups
     torch.manual_seed(0)
     conv = nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups).eval()
     q = Int8Conv2d(conv, bits)
-    assert q.weight_bits == (bits or (8 if _has_vnni() else 7))
+    assert q.weight_bits == (bits or safe_weight_bits())
     for x in (torch.randn(2, cin, 23, 30), torch.randn(2, cin, 23, 30).relu()):
         with torch.no_grad():
             y, ref = q(x), conv(x)

@@ -82,9 +82,10 @@ def _randomise_batchnorm(body: torch.nn.Module, seed: int = 0) -> None:
 
 @pytest.mark.skipif(not backbone_module._FUSED, reason="this torch has no oneDNN convolution")
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
-def test_fused_cpu_inference_equals_the_modules(name):
+@pytest.mark.parametrize("levels", [(1, 2, 3), (0, 1, 2, 3)])  # all: none written over
+def test_fused_cpu_inference_equals_the_modules(name, levels):
     torch.manual_seed(0)
-    body = build_backbone(BackboneConfig(name=name, return_levels=(1, 2, 3))).eval()
+    body = build_backbone(BackboneConfig(name=name, return_levels=levels)).eval()
     _randomise_batchnorm(body)
     x = torch.randn(2, 3, 96, 128)
     with torch.no_grad():
@@ -110,7 +111,7 @@ def test_fused_cpu_inference_equals_the_modules(name):
 @pytest.mark.skipif(not backbone_module._FUSED, reason="this torch has no oneDNN convolution")
 def test_fused_block_sums_over_its_input_unless_kept():
     torch.manual_seed(0)
-    body = build_backbone(BackboneConfig(name="resnet50", return_levels=(0, 1, 2, 3))).eval()
+    body = build_backbone(BackboneConfig(name="resnet50")).eval()
     _randomise_batchnorm(body)
     block = body.layer1[1]  # no downsample: the residual is the block's input itself
     x = torch.randn(1, 256, 24, 32).relu().contiguous(memory_format=torch.channels_last)
@@ -124,13 +125,6 @@ def test_fused_block_sums_over_its_input_unless_kept():
         assert out_over.data_ptr() == mine.data_ptr()  # no new feature map
     for o in (out, out_over):
         torch.testing.assert_close(o, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
-    # Every level returned: none is written over by the next stage.
-    with torch.no_grad():
-        fused = body(torch.randn(1, 3, 96, 128, generator=torch.Generator().manual_seed(1)))
-        plain = body.train()(torch.randn(1, 3, 96, 128, generator=torch.Generator().manual_seed(1)))
-    body.eval()
-    for f, p in zip(fused, plain, strict=True):
-        torch.testing.assert_close(f, p, rtol=1e-4, atol=1e-5 * float(p.abs().max()))
 
 
 def test_training_and_autograd_take_the_plain_modules():

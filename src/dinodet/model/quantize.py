@@ -102,6 +102,12 @@ def _has_vnni() -> bool:
     return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
 
 
+def safe_weight_bits() -> int:
+    """The convolution weight width whose products this CPU sums without overflow: 8 with
+    VNNI, 7 without."""
+    return 8 if _has_vnni() else 7
+
+
 def _int8_convolution_available() -> bool:
     try:
         torch.ops.onednn.qconv_prepack  # noqa: B018 - looked up to see if it exists
@@ -139,7 +145,7 @@ class Int8Conv2d(nn.Module):
         if not self.can_run(conv):
             raise ValueError(f"Int8Conv2d: padding {conv.padding!r} / padding_mode "
                              f"{conv.padding_mode!r}: only numeric zero padding")
-        safe_bits = 8 if _has_vnni() else 7
+        safe_bits = safe_weight_bits()
         if weight_bits is None:
             weight_bits = safe_bits
         elif weight_bits not in (7, 8):
@@ -417,6 +423,6 @@ def quantize_int8(model: nn.Module, *, inplace: bool = False,
     model.eval()  # also what the folded BatchNorms' running statistics assume
     linears = len(replaced) - len(replaced_convs)
     counts = Int8Counts(linears, len(found) - linears, len(replaced_convs))
-    log.info("int8 (%s engine; %d-bit convolution weights): %s", used,
-             8 if _has_vnni() else 7, counts.describe())
+    log.info("int8 (%s engine; %d-bit convolution weights): %s", used, safe_weight_bits(),
+             counts.describe())
     return model
